@@ -1,0 +1,141 @@
+"""Pick one device per stage: GPUs, the CPU fallback (logical CPU devices), or explicit names."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import tensorflow as tf
+
+CPU_DEVICES_ENV = "PIPELINE_CPU_DEVICES"
+"""Environment variable: how many logical CPU devices to create at import time."""
+
+
+class DeviceError(RuntimeError):
+    """Devices cannot be set up as asked; the message says how to fix it."""
+
+
+def setup_cpu_devices(count: int) -> list[str]:
+    """Splits the host CPU into ``count`` logical devices (the CPU fallback).
+
+    Must run before TensorFlow initializes its devices (before the first op,
+    tensor or variable). Calling it again with a count already satisfied is fine.
+
+    Args:
+        count: how many logical CPU devices are needed (one per stage).
+
+    Returns:
+        The names of the logical CPU devices.
+
+    Raises:
+        DeviceError: if TensorFlow already started with fewer logical CPUs.
+    """
+    if not isinstance(count, int) or count < 1:
+        raise DeviceError(f"the CPU fallback needs a device count >= 1, got {count!r}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current is not None and len(current) >= count:
+        return cpu_device_names()
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+        )
+    except RuntimeError as err:
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have >= count:
+            return cpu_device_names()
+        raise DeviceError(
+            f"the CPU fallback needs {count} logical CPU devices, but TensorFlow already "
+            f"initialized its devices with {have}. Create them before TensorFlow runs any op: "
+            f"call pipeline.devices.setup_cpu_devices({count}) at the top of your script, or set "
+            f"the environment variable {CPU_DEVICES_ENV}={count} before importing pipeline."
+        ) from err
+    return cpu_device_names()
+
+
+def cpu_device_names() -> list[str]:
+    """Names of the logical CPU devices (initializes TensorFlow's devices)."""
+    return [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+def gpu_device_names() -> list[str]:
+    """Names of the logical GPU devices."""
+    return [d.name for d in tf.config.list_logical_devices("GPU")]
+
+
+def _known_local_devices() -> set[str]:
+    names = set()
+    for d in tf.config.list_logical_devices():
+        names.add(d.name)
+        names.add(d.name.replace("/job:localhost/replica:0/task:0", ""))
+        names.add(d.name.replace("/job:localhost/replica:0/task:0/device:", "/"))
+    return {n.upper() for n in names}
+
+
+def _check_explicit(devices: Sequence[str], num_stages: int) -> list[str]:
+    devices = [str(d) for d in devices]
+    if len(devices) != num_stages:
+        raise DeviceError(
+            f"devices lists {len(devices)} device(s) {devices} for {num_stages} stage(s); "
+            "give exactly one device per stage (a device may repeat)"
+        )
+    known = _known_local_devices()
+    for d in devices:
+        if d.startswith("/job:") and not d.startswith("/job:localhost"):
+            continue  # a device of another task of a cluster; checked when connecting
+        if d.upper() not in known:
+            raise DeviceError(
+                f"device {d!r} is not a device of this process; it has "
+                f"{sorted(n.name for n in tf.config.list_logical_devices())}. "
+                "Use one of those, or the CPU fallback (devices=None)."
+            )
+    return devices
+
+
+def resolve(num_stages: int, devices: Sequence[str] | str | None = None) -> list[str]:
+    """Chooses one device per stage.
+
+    Args:
+        num_stages: K, the number of stages.
+        devices: ``None``/``"auto"`` picks GPUs when there are at least K, else
+            the CPU fallback when there are none; ``"cpu"`` forces the CPU
+            fallback; a list gives one device string per stage (it may repeat
+            a device, or name devices of other cluster tasks).
+
+    Returns:
+        K device names.
+
+    Raises:
+        DeviceError: more stages than devices, or an unknown device.
+    """
+    if devices is not None and not isinstance(devices, str):
+        return _check_explicit(devices, num_stages)
+    mode = (devices or "auto").lower()
+    if mode not in ("auto", "cpu", "gpu"):
+        raise DeviceError(
+            f"devices={devices!r} is not understood; use 'auto', 'gpu', 'cpu' or a list of "
+            "device names such as ['/GPU:0', '/GPU:1']"
+        )
+    if mode in ("auto", "gpu"):
+        gpus = tf.config.list_physical_devices("GPU")
+        if len(gpus) >= num_stages:
+            return gpu_device_names()[:num_stages]
+        if gpus or mode == "gpu":
+            raise DeviceError(
+                f"{num_stages} stages need {num_stages} GPUs, but this machine has {len(gpus)}. "
+                "Use fewer stages, or pass devices=[...] explicitly (a device may hold several "
+                "stages), or devices='cpu' for the CPU fallback."
+            )
+    return setup_cpu_devices(num_stages)[:num_stages]
+
+
+def _setup_from_env() -> None:
+    value = os.environ.get(CPU_DEVICES_ENV)
+    if value:
+        try:
+            count = int(value)
+        except ValueError:
+            raise DeviceError(
+                f"{CPU_DEVICES_ENV}={value!r} must be a whole number of logical CPU devices"
+            ) from None
+        setup_cpu_devices(count)

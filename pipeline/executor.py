@@ -1,0 +1,153 @@
+"""Turn a schedule into TensorFlow ops: forwards, chained VJPs and accumulated gradients.
+
+The actions are built in ``schedule.execution_order`` (every dependency before
+its user). Inside a ``tf.function`` each action's ops carry a control
+dependency on the previous action of the same device, so every device follows
+its row of the schedule while different devices overlap::
+
+    device 0:  0F0 -> 0F1 -> 0B0 -> 0B1          ("->": control dependency)
+                 \\      \\     ^      ^
+    device 1:     1F0 -> 1B0 -> 1F1 -> 1B1       (arrows across: data, a device copy)
+
+Eagerly (``run_eagerly=True``) the same actions simply run one by one in that order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import tensorflow as tf
+
+from pipeline import microbatch as mb_lib
+from pipeline import schedule as sched
+from pipeline.stage import LossFn, Stage
+
+ActionHook = Callable[[sched.Action], None]
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one training mini-batch produced."""
+
+    y_preds: list[Any]
+    """The last stage's output, one entry per micro-batch."""
+    loss: tf.Tensor
+    """The mini-batch loss: micro-batch losses plus call-time and regularization losses."""
+    gradients: list[list[tf.Tensor | None]]
+    """Per stage, the float32 gradient of each trainable variable, summed over micro-batches."""
+
+    def pairs(self, stages: Sequence[Stage]) -> list[tuple[tf.Tensor, Any]]:
+        """``(gradient, variable)`` pairs over all stages, skipping unused variables."""
+        return [
+            (g, v)
+            for stage, grads in zip(stages, self.gradients)
+            for g, v in zip(grads, stage.trainable_variables)
+            if g is not None
+        ]
+
+
+class Executor:
+    """Runs training and inference schedules over a list of stages.
+
+    Args:
+        stages: the K stages, in pipeline order.
+        schedule: a schedule name (``"1f1b"``, ``"gpipe"``) or generator.
+        num_microbatches: M.
+    """
+
+    def __init__(self, stages: Sequence[Stage], schedule: str | Callable = "1f1b",
+                 num_microbatches: int = 1):
+        self.stages = list(stages)
+        self.num_microbatches = mb_lib.check_count(num_microbatches)
+        self.generator = schedule if callable(schedule) else sched.get(schedule)
+        self.schedule_name = getattr(self.generator, "__name__", str(schedule))
+        self.train_schedule = self.generator(len(self.stages), self.num_microbatches)
+        sched.validate(self.train_schedule, self.num_microbatches)
+        self._split_backward = [any(a.op is sched.W for a in row) for row in self.train_schedule]
+        self.infer_schedule = sched.forward_only(len(self.stages), self.num_microbatches)
+        self.action_hook: ActionHook | None = None
+
+    def _run(self, schedule: sched.Schedule, step: Callable[[sched.Action], list[tf.Tensor]]) -> None:
+        """Builds (or, eagerly, runs) the actions, chaining each device's actions."""
+        last: list[list[tf.Tensor]] = [[] for _ in self.stages]
+        for action in sched.execution_order(schedule):
+            if self.action_hook is not None:
+                self.action_hook(action)
+            deps = last[action.stage]
+            ctx = tf.control_dependencies(deps) if deps else contextlib.nullcontext()
+            with ctx:
+                produced = step(action)
+            last[action.stage] = [t for t in produced if t is not None] or deps
+
+    def train(self, x: Any, loss_fn: LossFn, training: bool = True) -> StepResult:
+        """One mini-batch of forward and backward over all micro-batches.
+
+        Args:
+            x: the mini-batch input (nested tensors).
+            loss_fn: ``loss_fn(j, y_pred_j)``, the scalar loss of micro-batch j,
+                already scaled so that the sum over j is the mini-batch loss.
+            training: passed to the layers.
+
+        Returns:
+            The step's outputs, total loss and accumulated gradients.
+        """
+        num_stages, m = len(self.stages), self.num_microbatches
+        xs = mb_lib.split(x, m)
+        for stage in self.stages:
+            stage.reset()
+        outputs: dict[tuple[int, int], Any] = {}
+        input_grads: dict[tuple[int, int], Any] = {}
+
+        def step(action: sched.Action) -> list[tf.Tensor]:
+            s, j = action.stage, action.microbatch
+            stage = self.stages[s]
+            if action.op is sched.F:
+                inp = xs[j] if s == 0 else outputs.pop((s - 1, j))
+                y = stage.forward(j, inp, training=training,
+                                  loss_fn=loss_fn if stage.is_last else None)
+                outputs[(s, j)] = y
+                return tf.nest.flatten(y)
+            upstream = None if stage.is_last else input_grads.pop((s + 1, j))
+            if action.op is sched.B and not self._split_backward[s]:
+                g = stage.backward(j, upstream)
+                produced = list(g or []) + [a for a in stage.gradients() if a is not None]
+            elif action.op is sched.B:
+                g = stage.backward_input(j, upstream)
+                produced = list(g or [])
+            else:
+                stage.backward_weight(j)
+                return [a for a in stage.gradients() if a is not None]
+            if g is not None:
+                input_grads[(s, j)] = g
+            return produced
+
+        self._run(self.train_schedule, step)
+        for stage in self.stages:
+            stage.add_regularization()
+        y_preds = [outputs.pop((num_stages - 1, j)) for j in range(m)]
+        losses = [loss for stage in self.stages for loss in stage.step_losses]
+        return StepResult(
+            y_preds=y_preds,
+            loss=tf.add_n(losses),
+            gradients=[stage.gradients() for stage in self.stages],
+        )
+
+    def infer(self, x: Any) -> Any:
+        """Forward only, micro-batch by micro-batch; returns the merged outputs."""
+        num_stages, m = len(self.stages), self.num_microbatches
+        xs = mb_lib.split(x, m)
+        outputs: dict[tuple[int, int], Any] = {}
+
+        def step(action: sched.Action) -> list[tf.Tensor]:
+            s, j = action.stage, action.microbatch
+            inp = xs[j] if s == 0 else outputs.pop((s - 1, j))
+            y = self.stages[s].forward(j, inp, training=False, record=False)
+            outputs[(s, j)] = y
+            return tf.nest.flatten(y)
+
+        self._run(self.infer_schedule, step)
+        with tf.device(self.stages[-1].device):
+            return mb_lib.merge([outputs.pop((num_stages - 1, j)) for j in range(m)])
+

@@ -1,0 +1,81 @@
+"""Split a nested mini-batch into micro-batches and merge per-micro-batch outputs back.
+
+Policy for a batch size B that M does not divide: the first ``B mod M``
+micro-batches get one sample more than the others (``numpy.array_split``).
+Every micro-batch's loss is its sum of per-sample losses divided by the whole
+batch size B, so uneven micro-batches still add up to the unsplit model's mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+
+def check_count(num_microbatches: Any) -> int:
+    """Validates the micro-batch count M (an int >= 1) and returns it.
+
+    Raises:
+        ValueError: naming the setting, the value received and what is allowed.
+    """
+    if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(
+            f"microbatches must be an integer >= 1, got {num_microbatches!r}. "
+            "Pass e.g. microbatches=4 (1 disables micro-batching)."
+        )
+    return num_microbatches
+
+
+def batch_size(batch: Any) -> tf.Tensor | int:
+    """The leading dimension of the first tensor of a nested batch (static if known)."""
+    first = next(t for t in tf.nest.flatten(batch) if t is not None)
+    static = first.shape[0] if first.shape.rank else None
+    return int(static) if static is not None else tf.shape(first)[0]
+
+
+def sizes(total: tf.Tensor | int, num_microbatches: int) -> list[int] | tf.Tensor:
+    """Micro-batch sizes under the array_split policy (a list when ``total`` is static)."""
+    if isinstance(total, int):
+        if num_microbatches > total:
+            raise ValueError(
+                f"microbatches={num_microbatches} is larger than the batch size {total}; "
+                f"use at most {total} micro-batches or a larger batch"
+            )
+        base, extra = divmod(total, num_microbatches)
+        return [base + (1 if j < extra else 0) for j in range(num_microbatches)]
+    base = total // num_microbatches
+    extra = total % num_microbatches
+    return base + tf.cast(tf.range(num_microbatches) < extra, total.dtype)
+
+
+def split(batch: Any, num_microbatches: int) -> list[Any]:
+    """Splits every tensor of a nested batch along axis 0 into M micro-batches.
+
+    Args:
+        batch: a tensor or nested structure of tensors (``None`` leaves stay ``None``).
+        num_microbatches: M.
+
+    Returns:
+        A list of M structures like ``batch``.
+    """
+    if batch is None:
+        return [None] * num_microbatches
+    if num_microbatches == 1:
+        return [batch]
+    split_sizes = sizes(batch_size(batch), num_microbatches)
+    flat = tf.nest.flatten(batch)
+    pieces = [
+        [None] * num_microbatches if t is None else tf.split(t, split_sizes, num=num_microbatches, axis=0)
+        for t in flat
+    ]
+    return [
+        tf.nest.pack_sequence_as(batch, [p[j] for p in pieces]) for j in range(num_microbatches)
+    ]
+
+
+def merge(microbatches: list[Any]) -> Any:
+    """Concatenates per-micro-batch outputs (same nested structure) along axis 0."""
+    if len(microbatches) == 1:
+        return microbatches[0]
+    return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *microbatches)

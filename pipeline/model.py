@@ -1,0 +1,183 @@
+"""``PipelineModel``: a Keras model whose steps run the stages as a pipeline.
+
+``compile``/``fit``/``evaluate``/``predict``, callbacks, metrics, TensorBoard
+and progress bars all come from Keras; only ``train_step``, ``test_step`` and
+``predict_step`` differ: they split the batch into micro-batches and run the
+schedule through :class:`pipeline.executor.Executor`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import keras
+import tensorflow as tf
+
+from pipeline import devices as devices_lib
+from pipeline import microbatch as mb_lib
+from pipeline.executor import Executor
+from pipeline.stage import Stage
+
+
+def _check_layers(stages: Any) -> list[keras.layers.Layer]:
+    if isinstance(stages, keras.layers.Layer):
+        raise TypeError(
+            "stages must be a list of Keras models or layers, one per stage; got a single "
+            f"{type(stages).__name__}. Use pipeline.split(model, cuts=[...]) to cut one model."
+        )
+    layers = list(stages)
+    if not layers:
+        raise ValueError("stages is empty: pass at least one Keras model or layer")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, keras.layers.Layer):
+            raise TypeError(
+                f"stage {i} is a {type(layer).__name__}, not a Keras model or layer; "
+                "stages must be Keras models/layers such as [model_0, model_1]"
+            )
+    return layers
+
+
+class PipelineModel(keras.Model):
+    """Trains a list of Keras models/layers as one model, pipelined over devices.
+
+    Args:
+        stages: the parts, in order: ``[model_0, model_1, ...]``; stage i+1 takes
+            stage i's output. Their variables are placed on their devices; the
+            user's model objects are the ones trained.
+        devices: ``None``/``"auto"`` (GPUs, or the CPU fallback when there are
+            none), ``"cpu"``, or one device string per stage.
+        microbatches: M, how many micro-batches each batch is split into.
+        schedule: ``"1f1b"`` (bounded memory) or ``"gpipe"``.
+        **kwargs: passed to ``keras.Model`` (e.g. ``name``).
+    """
+
+    def __init__(self, stages: Sequence[keras.layers.Layer], devices: Sequence[str] | str | None = None,
+                 microbatches: int = 1, schedule: str | Callable = "1f1b", **kwargs: Any):
+        layers = _check_layers(stages)
+        mb_lib.check_count(microbatches)
+        super().__init__(**kwargs)
+        device_names = devices_lib.resolve(len(layers), devices)
+        self.stage_layers = layers
+        self._pipeline_stages = [
+            Stage(layer, device, i, len(layers)) for i, (layer, device) in enumerate(zip(layers, device_names))
+        ]
+        self.executor = Executor(self._pipeline_stages, schedule, microbatches)
+        for stage in self._pipeline_stages:
+            if stage.layer.built:
+                stage.place()
+
+    @property
+    def stages(self) -> list[Stage]:
+        """The :class:`Stage` objects (layer + device), in pipeline order."""
+        return list(self._pipeline_stages)
+
+    @property
+    def microbatches(self) -> int:
+        """M, the number of micro-batches per batch."""
+        return self.executor.num_microbatches
+
+    def build(self, input_shape: Any) -> None:
+        """Builds every stage on its device, checking that each stage takes the previous output."""
+        first = self.stage_layers[0]
+        dtype = _input_dtype(first)
+        spec = tf.nest.map_structure(
+            lambda shape: keras.KerasTensor(tuple(shape), dtype=dtype),
+            input_shape, check_types=False,
+        ) if not _is_shape(input_shape) else keras.KerasTensor(tuple(input_shape), dtype=dtype)
+        for stage in self._pipeline_stages:
+            spec = _build_stage(stage, spec, self._pipeline_stages)
+        self.built = True
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        """Runs the stages one after another on the whole batch (no micro-batching)."""
+        x = inputs
+        for stage in self._pipeline_stages:
+            with tf.device(stage.device):
+                x = stage.layer(x, training=training)
+        return x
+
+    def make_train_function(self, force: bool = False) -> Callable:
+        """Builds the optimizer eagerly first, so its slots sit beside their variables."""
+        if self.optimizer is not None and not self.optimizer.built and all(s.layer.built for s in self._pipeline_stages):
+            self.optimizer.build(self.trainable_variables)
+        return super().make_train_function(force=force)
+
+    def _microbatch_loss(self, ys: list[Any], sample_weights: list[Any], total: tf.Tensor):
+        if self._compile_loss is None:
+            raise ValueError("PipelineModel has no loss: call compile(loss=...) before fit/evaluate")
+
+        def loss_fn(j: int, y_pred: Any) -> tf.Tensor:
+            size = tf.shape(tf.nest.flatten(y_pred)[0])[0]
+            mean = self._compile_loss(ys[j], y_pred, sample_weights[j])
+            return tf.cast(mean, tf.float32) * (tf.cast(size, tf.float32) / total)
+
+        return loss_fn
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        """One pipelined step: micro-batches forward and back, one optimizer update."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        m = self.executor.num_microbatches
+        size = mb_lib.batch_size(x)
+        total = tf.cast(size, tf.float32)
+        loss_fn = self._microbatch_loss(mb_lib.split(y, m), mb_lib.split(sample_weight, m), total)
+        result = self.executor.train(x, loss_fn, training=True)
+        grads_and_vars = result.pairs(self._pipeline_stages)
+        if grads_and_vars:
+            grads, variables = zip(*grads_and_vars)
+            self.optimizer.apply(list(grads), list(variables))
+        self._loss_tracker.update_state(result.loss, sample_weight=size)
+        with tf.device(self._pipeline_stages[-1].device):
+            y_pred = mb_lib.merge(result.y_preds)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def test_step(self, data: Any) -> dict[str, Any]:
+        """Evaluation: a forward-only pipeline, then Keras' loss and metrics on the merged output."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self.executor.infer(x)
+        loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
+        self._loss_tracker.update_state(loss, sample_weight=mb_lib.batch_size(x))
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def predict_step(self, data: Any) -> Any:
+        """Prediction: a forward-only pipeline over micro-batches."""
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self.executor.infer(x)
+
+    def get_config(self) -> dict[str, Any]:
+        """Stages are user objects; a PipelineModel is rebuilt in code, not from config."""
+        return {"name": self.name}
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, (tuple, list, tf.TensorShape)) and all(
+        d is None or isinstance(d, int) for d in value
+    )
+
+
+def _input_dtype(layer: keras.layers.Layer) -> str:
+    inputs = getattr(layer, "inputs", None) if layer.built else None
+    if inputs:
+        return tf.nest.flatten(inputs)[0].dtype
+    return keras.config.floatx()
+
+
+def _shape_of(spec: Any) -> Any:
+    return tf.nest.map_structure(lambda t: tuple(t.shape), spec)
+
+
+def _build_stage(stage: Stage, spec: Any, stages: list[Stage]) -> Any:
+    """Builds one stage; a failure on stage i > 0 names both stages and shapes."""
+    try:
+        return stage.build(spec)
+    except Exception as err:  # noqa: BLE001 - re-raised with the stages named
+        if stage.index == 0:
+            raise
+        prev = stages[stage.index - 1]
+        expected = getattr(stage.layer, "input_shape", None) if stage.layer.built else None
+        wanted = f" (it expects input shape {expected})" if expected is not None else ""
+        raise ValueError(
+            f"stage {stage.index} ({stage.layer.name!r}) does not accept the output of stage "
+            f"{prev.index} ({prev.layer.name!r}): stage {prev.index} outputs shape {_shape_of(spec)}"
+            f"{wanted}. Make stage {prev.index}'s output match stage {stage.index}'s input. "
+            f"Keras said: {err}"
+        ) from err

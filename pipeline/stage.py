@@ -1,0 +1,257 @@
+"""``Stage``: one part of the model on one device, with a tape per micro-batch.
+
+Backward is one vector-Jacobian product per micro-batch::
+
+    input_grad, *var_grads = tape.gradient(stage_output, [stage_input, *variables],
+                                           output_gradients=cut_layer_grad)
+
+never a Jacobian: one backward pass, exact, memory of one activation set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import keras
+import tensorflow as tf
+from keras.src import backend as keras_backend  # compute_output_spec builds by calling
+from keras.src.backend.common import global_state
+
+LossFn = Callable[[int, Any], tf.Tensor]
+"""``loss_fn(microbatch, y_pred) -> scalar``: the last stage's loss for one micro-batch."""
+
+
+def call_losses(layer: keras.layers.Layer) -> list[tf.Tensor]:
+    """Losses added during the last call (``add_loss``, activity regularizers), no weight terms."""
+    losses = []
+    for sub in layer._flatten_layers(include_self=True):  # noqa: SLF001 - Keras has no public API
+        losses.extend(sub._get_own_losses())  # noqa: SLF001
+    return losses
+
+
+class _Saved:
+    """What one forward keeps until its backward: the tape and its endpoints."""
+
+    __slots__ = ("inputs", "targets", "tape", "input_grads")
+
+    def __init__(self, inputs: list[tf.Tensor], targets: list[tf.Tensor], tape: tf.GradientTape):
+        self.inputs = inputs
+        self.targets = targets
+        self.tape = tape
+        self.input_grads: list[tf.Tensor] | None = None
+
+
+class Stage:
+    """A Keras model or layer placed on one device.
+
+    Args:
+        layer: the stage's Keras model or layer (``model_0``, ``model_1``, ...).
+        device: the device its variables and ops live on, e.g. ``"/GPU:1"``.
+        index: position in the pipeline, 0 for the stage that takes the input.
+        num_stages: K, the pipeline length.
+    """
+
+    def __init__(self, layer: keras.layers.Layer, device: str, index: int = 0, num_stages: int = 1):
+        self.layer = layer
+        self.device = device
+        self.index = index
+        self.num_stages = num_stages
+        self._saved: dict[int, _Saved] = {}
+        self._grads: list[tf.Tensor | None] = []
+        self.step_losses: list[tf.Tensor] = []
+        """Scalar losses of this mini-batch: micro-batch losses, call-time losses, regularization."""
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+    def __repr__(self) -> str:
+        return f"Stage({self.index}, {self.layer.name!r}, device={self.device!r})"
+
+    @property
+    def is_first(self) -> bool:
+        """Whether this stage takes the pipeline's input (no input gradient needed)."""
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this stage computes the loss."""
+        return self.index == self.num_stages - 1
+
+    @property
+    def trainable_variables(self) -> list[keras.Variable]:
+        """The stage's trainable Keras variables, in a fixed order."""
+        return list(self.layer.trainable_variables)
+
+    def build(self, input_spec: Any) -> Any:
+        """Builds the layer for ``input_spec`` with its variables created on this device.
+
+        Runs outside any Keras symbolic scope, so variables are created (or, if
+        already built, moved by :meth:`place`) on ``self.device`` before an
+        optimizer makes slots beside them.
+
+        Args:
+            input_spec: ``keras.KerasTensor`` (or nest of them) the stage receives.
+
+        Returns:
+            The stage's output spec.
+        """
+        with _outside_keras_scopes(), tf.device(self.device):
+            output_spec = keras_backend.compute_output_spec(self.layer, input_spec)
+        self.place()
+        return output_spec
+
+    def place(self) -> None:
+        """Moves every variable of the (built) layer onto this stage's device.
+
+        A variable created elsewhere is re-created on ``self.device`` with the
+        same value; the Keras variable object (and so the user's model) stays
+        the same, so training the stage trains the user's model.
+        """
+        for variable in self.layer.variables:
+            current = variable.value
+            if _same_device(current.device, self.device):
+                continue
+            with tf.device(self.device):
+                variable._initialize(tf.identity(current))  # noqa: SLF001 - re-create in place
+
+    def reset(self) -> None:
+        """Starts a new mini-batch: clears saved tapes and gradient accumulators."""
+        self._saved.clear()
+        self.step_losses = []
+        self._grads = [None] * len(self.trainable_variables)
+        self.in_flight = 0
+
+    def forward(self, microbatch: int, x: Any, training: bool = True,
+                loss_fn: LossFn | None = None, record: bool = True) -> Any:
+        """Runs the stage on one micro-batch under its device, recording a tape.
+
+        Args:
+            microbatch: index j of the micro-batch.
+            x: the stage input (the previous stage's output, or the data).
+            training: passed to the layer.
+            loss_fn: on the last stage, ``loss_fn(j, y_pred)`` gives the scalar
+                loss the backward starts from.
+            record: False for forward-only (inference) schedules.
+
+        Returns:
+            The stage output (``y_pred`` on the last stage).
+        """
+        with tf.device(self.device):
+            if not record:
+                return self.layer(x, training=training)
+            inputs = [] if self.is_first else [t for t in tf.nest.flatten(x)]
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                y = self.layer(x, training=training)
+                scalars = [loss_fn(microbatch, y)] if loss_fn is not None else []
+                extra = call_losses(self.layer)
+                if extra:
+                    scalars.append(tf.add_n([tf.cast(t, tf.float32) for t in extra]))
+                targets = (scalars if loss_fn is not None else list(tf.nest.flatten(y)) + scalars)
+        self.step_losses.extend(scalars)
+        self._saved[microbatch] = _Saved(inputs, targets, tape)
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        return y
+
+    def _output_gradients(self, saved: _Saved, grad: Any) -> list[tf.Tensor] | None:
+        if grad is None and len(saved.targets) == 1:
+            return None
+        grads = [] if grad is None else list(tf.nest.flatten(grad))
+        grads += [tf.ones_like(t) for t in saved.targets[len(grads):]]
+        return grads
+
+    def backward(self, microbatch: int, grad: Any = None) -> list[tf.Tensor] | None:
+        """Backward of one micro-batch: one VJP for input and weights together.
+
+        Args:
+            microbatch: index j, forwarded earlier.
+            grad: the cut-layer gradient from the next stage (``None`` on the
+                last stage, which starts from its loss).
+
+        Returns:
+            The gradient of the stage input (flat list), or ``None`` on the first stage.
+        """
+        saved = self._saved.pop(microbatch)
+        variables = self.trainable_variables
+        with tf.device(self.device):
+            grads = saved.tape.gradient(
+                saved.targets, saved.inputs + variables,
+                output_gradients=self._output_gradients(saved, grad),
+            )
+            self._accumulate(grads[len(saved.inputs):])
+        self.in_flight -= 1
+        return grads[: len(saved.inputs)] if saved.inputs else None
+
+    def backward_input(self, microbatch: int, grad: Any = None) -> list[tf.Tensor] | None:
+        """First half of a split backward (zero-bubble): only the input gradient.
+
+        The tape is kept for :meth:`backward_weight` of the same micro-batch.
+        """
+        saved = self._saved[microbatch]
+        with tf.device(self.device):
+            out_grads = self._output_gradients(saved, grad)
+            saved.input_grads = out_grads
+            if not saved.inputs:
+                return None
+            return saved.tape.gradient(saved.targets, saved.inputs, output_gradients=out_grads)
+
+    def backward_weight(self, microbatch: int) -> None:
+        """Second half of a split backward: accumulate the weight gradients."""
+        saved = self._saved.pop(microbatch)
+        with tf.device(self.device):
+            grads = saved.tape.gradient(
+                saved.targets, self.trainable_variables, output_gradients=saved.input_grads
+            )
+            self._accumulate(grads)
+        self.in_flight -= 1
+
+    def add_regularization(self) -> tf.Tensor | None:
+        """Adds the gradient of the weight regularization losses, once per mini-batch."""
+        if not any(v.regularizer is not None for v in self.trainable_variables):
+            return None
+        with tf.device(self.device):
+            with tf.GradientTape() as tape:
+                reg = tf.add_n([tf.cast(r, tf.float32) for r in self.layer._get_regularization_losses()])  # noqa: SLF001
+            self._accumulate(tape.gradient(reg, self.trainable_variables))
+        self.step_losses.append(reg)
+        return reg
+
+    def _accumulate(self, grads: list[Any]) -> None:
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            g = tf.cast(tf.convert_to_tensor(g), tf.float32)
+            self._grads[i] = g if self._grads[i] is None else self._grads[i] + g
+
+    def gradients(self) -> list[tf.Tensor | None]:
+        """The float32 gradients accumulated since :meth:`reset`, one per trainable variable."""
+        return list(self._grads)
+
+
+@contextlib.contextmanager
+def _outside_keras_scopes() -> Iterator[None]:
+    """Leaves Keras' symbolic/stateless scopes and TF graphs so variables are created eagerly."""
+    saved = {key: global_state.get_global_attribute(key) for key in _KERAS_SCOPES}
+    for key in _KERAS_SCOPES:
+        global_state.set_global_attribute(key, None)
+    try:
+        with tf.init_scope():
+            yield
+    finally:
+        for key, value in saved.items():
+            global_state.set_global_attribute(key, value)
+
+
+_KERAS_SCOPES = ("stateless_scope", "symbolic_scope")
+
+
+def _same_device(actual: str, wanted: str) -> bool:
+    spec_a = tf.DeviceSpec.from_string(actual)
+    spec_w = tf.DeviceSpec.from_string(wanted)
+    return (
+        (spec_a.device_type or "").upper() == (spec_w.device_type or "CPU").upper()
+        and (spec_a.device_index or 0) == (spec_w.device_index or 0)
+        and (spec_w.job is None or spec_a.job == spec_w.job)
+        and (spec_w.task is None or spec_a.task == spec_w.task)
+    )
