@@ -1,6 +1,10 @@
 """Pipeline-parallel training for TensorFlow 2 and Keras 3."""
 
-from pipeline import devices as _devices
+import os as _os
+
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of progress output
+
+from pipeline import devices as _devices  # noqa: E402
 
 _devices._setup_from_env()  # PIPELINE_CPU_DEVICES=K: create K logical CPUs before TF starts
 

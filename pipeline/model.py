@@ -18,6 +18,9 @@ from pipeline import microbatch as mb_lib
 from pipeline.executor import Executor
 from pipeline.stage import Stage
 
+GradientReducer = Callable[[list[tf.Tensor], list[Any]], list[tf.Tensor]]
+"""``reducer(grads, variables) -> grads``, e.g. an all-reduce across pipeline replicas."""
+
 
 def _check_layers(stages: Any) -> list[keras.layers.Layer]:
     if isinstance(stages, keras.layers.Layer):
@@ -48,11 +51,15 @@ class PipelineModel(keras.Model):
             none), ``"cpu"``, or one device string per stage.
         microbatches: M, how many micro-batches each batch is split into.
         schedule: ``"1f1b"`` (bounded memory) or ``"gpipe"``.
+        gradient_reducer: optional ``reducer(grads, variables) -> grads`` applied to
+            the accumulated gradients before the optimizer step (data-parallel
+            replicas all-reduce here, see :mod:`pipeline.replicas`).
         **kwargs: passed to ``keras.Model`` (e.g. ``name``).
     """
 
     def __init__(self, stages: Sequence[keras.layers.Layer], devices: Sequence[str] | str | None = None,
-                 microbatches: int = 1, schedule: str | Callable = "1f1b", **kwargs: Any):
+                 microbatches: int = 1, schedule: str | Callable = "1f1b",
+                 gradient_reducer: GradientReducer | None = None, **kwargs: Any):
         layers = _check_layers(stages)
         mb_lib.check_count(microbatches)
         super().__init__(**kwargs)
@@ -62,6 +69,7 @@ class PipelineModel(keras.Model):
             Stage(layer, device, i, len(layers)) for i, (layer, device) in enumerate(zip(layers, device_names))
         ]
         self.executor = Executor(self._pipeline_stages, schedule, microbatches)
+        self.gradient_reducer = gradient_reducer
         for stage in self._pipeline_stages:
             if stage.layer.built:
                 stage.place()
@@ -98,7 +106,8 @@ class PipelineModel(keras.Model):
 
     def make_train_function(self, force: bool = False) -> Callable:
         """Builds the optimizer eagerly first, so its slots sit beside their variables."""
-        if self.optimizer is not None and not self.optimizer.built and all(s.layer.built for s in self._pipeline_stages):
+        stages_built = all(stage.layer.built for stage in self._pipeline_stages)
+        if self.optimizer is not None and not self.optimizer.built and stages_built:
             self.optimizer.build(self.trainable_variables)
         return super().make_train_function(force=force)
 
@@ -123,7 +132,9 @@ class PipelineModel(keras.Model):
         result = self.executor.train(x, loss_fn, training=True)
         grads_and_vars = result.pairs(self._pipeline_stages)
         if grads_and_vars:
-            grads, variables = zip(*grads_and_vars)
+            grads, variables = (list(t) for t in zip(*grads_and_vars))
+            if self.gradient_reducer is not None:
+                grads = self.gradient_reducer(grads, variables)
             self.optimizer.apply(list(grads), list(variables))
         self._loss_tracker.update_state(result.loss, sample_weight=size)
         with tf.device(self._pipeline_stages[-1].device):
