@@ -10,7 +10,9 @@ _devices._setup_from_env()  # PIPELINE_CPU_DEVICES=K: create K logical CPUs befo
 
 from pipeline import schedule as schedules  # noqa: E402
 from pipeline.model import PipelineModel  # noqa: E402
+from pipeline.partition import split  # noqa: E402
 from pipeline.stage import Stage  # noqa: E402
+from pipeline.verify import verify  # noqa: E402
 
-__all__ = ["PipelineModel", "Stage", "schedules"]
+__all__ = ["PipelineModel", "Stage", "schedules", "split", "verify"]
 __version__ = "0.1.0"

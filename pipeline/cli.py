@@ -7,6 +7,8 @@ import importlib
 import sys
 from typing import Sequence
 
+from pipeline.errors import PipelineError
+
 COMMAND_MODULES = (
     "pipeline.demo",      # pipeline demo
     "pipeline.runner",    # pipeline train | evaluate | predict
@@ -41,7 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except PipelineError as err:
+        print(f"pipeline {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from pipeline.errors import PipelineError
+
 CPU_DEVICES_ENV = "PIPELINE_CPU_DEVICES"
 """Environment variable: how many logical CPU devices to create at import time."""
 
 
-class DeviceError(RuntimeError):
+class DeviceError(PipelineError, RuntimeError):
     """Devices cannot be set up as asked; the message says how to fix it."""
 
 

@@ -62,7 +62,7 @@ class Executor:
         self.stages = list(stages)
         self.num_microbatches = mb_lib.check_count(num_microbatches)
         self.generator = schedule if callable(schedule) else sched.get(schedule)
-        self.schedule_name = getattr(self.generator, "__name__", str(schedule))
+        self.schedule_name = schedule if isinstance(schedule, str) else getattr(schedule, "__name__", "custom")
         self.train_schedule = self.generator(len(self.stages), self.num_microbatches)
         sched.validate(self.train_schedule, self.num_microbatches)
         self._split_backward = [any(a.op is sched.W for a in row) for row in self.train_schedule]

@@ -7,6 +7,8 @@ import enum
 import re
 from typing import Callable, Iterator, Sequence
 
+from pipeline.errors import PipelineError
+
 Schedule = list[list["Action"]]
 """One ordered list of actions per stage (stage ``i`` runs ``schedule[i]`` in order)."""
 
@@ -144,7 +146,7 @@ def render(schedule: Schedule, mark: Action | None = None) -> str:
     return "\n".join(rows)
 
 
-class ScheduleError(ValueError):
+class ScheduleError(PipelineError, ValueError):
     """A schedule that cannot run correctly; the message shows the grid."""
 
 

@@ -1,0 +1,311 @@
+"""Cost-weighted dry run of a schedule: makespan, idle time, bubble, in-flight peak, deadlocks, Gantt chart.
+
+Pure Python (no TensorFlow). Each device runs its row of the schedule in order;
+an action starts when its device is free and the actions it depends on (on the
+neighbouring stages, see :func:`pipeline.schedule.dependencies`) have finished,
+plus an optional transfer time. With uniform costs ``f`` and ``b`` this gives
+GPipe's makespan ``(M+K-1)(f+b)`` and bubble ``(K-1)/(M+K-1)``::
+
+    K=2, M=4, f=1, b=2 (GPipe)        time ->  0 1 2 3 4 5 6 7 8 9 ...
+    device 0: F0 F1 F2 F3 .  .  B0 B0 B1 B1 B2 B2 B3 B3
+    device 1: .  F0 F1 F2 F3 B0 B0 B1 B1 B2 B2 B3 B3 .
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Sequence, Union
+
+from pipeline import schedule as sched
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCost:
+    """Seconds (or any unit) one action of a stage takes.
+
+    Attributes:
+        forward: one forward of one micro-batch.
+        backward: one full backward (input and weight gradients together).
+        weight: the weight-gradient half, when a schedule splits backward into
+            B and W; then B costs ``backward - weight``. ``None`` means half.
+    """
+
+    forward: float
+    backward: float
+    weight: float | None = None
+
+    def of(self, op: sched.Op, split: bool) -> float:
+        """The cost of ``op`` on this stage (``split``: the stage's schedule has W actions)."""
+        if op is sched.F:
+            return float(self.forward)
+        weight = self.backward / 2 if self.weight is None else self.weight
+        if op is sched.W:
+            return float(weight)
+        return float(self.backward - weight) if split else float(self.backward)
+
+
+CostLike = Union[StageCost, Sequence[float], Mapping[str, float]]
+Costs = Union[Sequence[CostLike], Callable[[sched.Action], float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """One action on its device, from ``start`` to ``end``."""
+
+    action: sched.Action
+    start: float
+    end: float
+
+    @property
+    def duration(self) -> float:
+        """``end - start``."""
+        return self.end - self.start
+
+
+@dataclasses.dataclass
+class Simulation:
+    """The outcome of a dry run."""
+
+    num_stages: int
+    num_microbatches: int
+    timeline: list[Interval]
+    """Every action that ran, sorted by start time."""
+    makespan: float
+    """When the last action ends (the predicted step time)."""
+    busy: list[float]
+    """Per device, time spent running actions."""
+    peak_in_flight: list[int]
+    """Per stage, the most micro-batches whose activations were alive at once."""
+    blocked: list[sched.Action] = dataclasses.field(default_factory=list)
+    """On deadlock, the actions that could never start (empty otherwise)."""
+    deadlock: str = ""
+    """On deadlock, a message naming what each blocked action waits for."""
+
+    @property
+    def idle(self) -> list[float]:
+        """Per device, ``makespan - busy``."""
+        return [self.makespan - b for b in self.busy]
+
+    @property
+    def bubble(self) -> float:
+        """Fraction of device-time idle: ``sum(idle) / (K * makespan)``."""
+        if self.makespan <= 0:
+            return 0.0
+        return sum(self.idle) / (self.num_stages * self.makespan)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every action ran (no deadlock)."""
+        return not self.blocked
+
+    def summary(self) -> dict[str, object]:
+        """A JSON-friendly dictionary of the figures."""
+        return {
+            "makespan": self.makespan,
+            "bubble": self.bubble,
+            "idle": self.idle,
+            "busy": self.busy,
+            "peak_in_flight": self.peak_in_flight,
+            "deadlock": self.deadlock or None,
+        }
+
+
+def _as_cost(value: CostLike, stage: int) -> StageCost:
+    if isinstance(value, StageCost):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return StageCost(float(value["forward"]), float(value["backward"]),
+                             None if value.get("weight") is None else float(value["weight"]))
+        except KeyError as err:
+            raise ValueError(f"cost of stage {stage} {dict(value)!r} needs keys 'forward' and 'backward'") from err
+    values = list(value)
+    if len(values) not in (2, 3):
+        raise ValueError(
+            f"cost of stage {stage} is {value!r}; give (forward, backward) or (forward, backward, weight)"
+        )
+    return StageCost(*(float(v) for v in values))
+
+
+def cost_function(costs: Costs, schedule: sched.Schedule) -> Callable[[sched.Action], float]:
+    """Turns per-stage costs (or a callable) into ``cost(action) -> duration``.
+
+    Raises:
+        ValueError: if the number of stage costs differs from the number of stages,
+            or a cost is negative.
+    """
+    if callable(costs):
+        return costs
+    stage_costs = [_as_cost(c, i) for i, c in enumerate(costs)]
+    if len(stage_costs) != len(schedule):
+        raise ValueError(
+            f"got costs for {len(stage_costs)} stage(s) but the schedule has {len(schedule)}; "
+            "give one (forward, backward) pair per stage"
+        )
+    for i, c in enumerate(stage_costs):
+        if min(c.forward, c.backward, c.weight or 0.0) < 0:
+            raise ValueError(f"cost of stage {i} is negative: {c}")
+    split = [any(a.op is sched.W for a in row) for row in schedule]
+    return lambda a: stage_costs[a.stage].of(a.op, split[a.stage])
+
+
+def _peak_in_flight(schedule: sched.Schedule) -> list[int]:
+    """Like ``schedule.peak_in_flight`` but a split backward frees memory at W."""
+    peaks = []
+    for row in schedule:
+        split = any(a.op is sched.W for a in row)
+        release = sched.W if split else sched.B
+        live = peak = 0
+        for a in row:
+            live += 1 if a.op is sched.F else (-1 if a.op is release else 0)
+            peak = max(peak, live)
+        peaks.append(peak)
+    return peaks
+
+
+def _own_dependencies(action: sched.Action) -> list[sched.Action]:
+    """Same-stage prerequisites: B of j needs F of j; W of j needs B of j."""
+    if action.op is sched.B:
+        return [sched.Action(action.stage, sched.F, action.microbatch)]
+    if action.op is sched.W:
+        return [sched.Action(action.stage, sched.B, action.microbatch)]
+    return []
+
+
+def simulate(schedule: sched.Schedule, costs: Costs, transfer: float = 0.0) -> Simulation:
+    """Runs the schedule on paper with the given costs.
+
+    Args:
+        schedule: one row of actions per stage (``pipeline.schedule`` generators).
+        costs: one ``StageCost`` / ``(forward, backward[, weight])`` / mapping per
+            stage, or a callable ``cost(action) -> duration``.
+        transfer: time added between an action and a dependent action on another
+            stage (the activation or gradient copy).
+
+    Returns:
+        A :class:`Simulation`. A deadlock does not raise: ``blocked`` and
+        ``deadlock`` say which actions never ran and what they wait for.
+    """
+    cost = cost_function(costs, schedule)
+    num_stages = len(schedule)
+    m = 1 + max((a.microbatch for row in schedule for a in row), default=-1)
+    end: dict[sched.Action, float] = {}
+    free = [0.0] * num_stages
+    busy = [0.0] * num_stages
+    position = [0] * num_stages
+    timeline: list[Interval] = []
+    progressed = True
+    while progressed:
+        progressed = False
+        for s in range(num_stages):
+            while position[s] < len(schedule[s]):
+                action = schedule[s][position[s]]
+                deps = sched.dependencies(action, num_stages) + _own_dependencies(action)
+                if not all(d in end for d in deps):
+                    break
+                start = max([free[s]] + [end[d] + transfer for d in deps])
+                duration = float(cost(action))
+                end[action] = start + duration
+                free[s] = start + duration
+                busy[s] += duration
+                timeline.append(Interval(action, start, start + duration))
+                position[s] += 1
+                progressed = True
+    blocked = [schedule[s][position[s]] for s in range(num_stages) if position[s] < len(schedule[s])]
+    message = ""
+    if blocked:
+        message = "deadlock: " + "; ".join(
+            f"{a} waits for "
+            + ", ".join(str(d) for d in sched.dependencies(a, num_stages) + _own_dependencies(a)
+                        if d not in end)
+            for a in blocked
+        )
+    timeline.sort(key=lambda iv: (iv.start, iv.action.stage))
+    return Simulation(
+        num_stages=num_stages,
+        num_microbatches=m,
+        timeline=timeline,
+        makespan=max(free, default=0.0),
+        busy=busy,
+        peak_in_flight=_peak_in_flight(schedule),
+        blocked=blocked,
+        deadlock=message,
+    )
+
+
+def ideal_speedup(num_stages: int, num_microbatches: int) -> float:
+    """Speedup of K balanced stages over one device: ``K*M / (M+K-1)``."""
+    return num_stages * num_microbatches / (num_microbatches + num_stages - 1)
+
+
+def gpipe_bubble(num_stages: int, num_microbatches: int) -> float:
+    """GPipe's bubble fraction with uniform stages: ``(K-1) / (M+K-1)``."""
+    return (num_stages - 1) / (num_microbatches + num_stages - 1)
+
+
+def ascii_gantt(timeline: Sequence[Interval], num_stages: int, width: int = 72) -> str:
+    """A text Gantt chart: one row per device, each action drawn as its op letter.
+
+    Each bar starts with its label (``F3``: forward of micro-batch 3; just the
+    op letter where the bar is too narrow) and is filled with ``-``; idle is blank.
+    """
+    span = max((iv.end for iv in timeline), default=0.0) or 1.0
+    rows = []
+    for s in range(num_stages):
+        cells = [" "] * width
+        for iv in timeline:
+            if iv.action.stage != s:
+                continue
+            a = int(round(iv.start / span * width))
+            b = max(a + 1, int(round(iv.end / span * width)))
+            label = f"{iv.action.op.value}{iv.action.microbatch}"
+            if b - a < len(label):
+                label = iv.action.op.value
+            for k in range(a, min(b, width)):
+                cells[k] = label[k - a] if k - a < len(label) else "-"
+        rows.append(f"device {s}: |{''.join(cells)}|")
+    return "\n".join(rows)
+
+
+_COLORS = {sched.F: "#4C72B0", sched.B: "#DD8452", sched.W: "#55A868"}
+
+
+def gantt(path: str, rows: Sequence[tuple[str, Sequence[Interval]]], num_stages: int,
+          title: str | None = None) -> str:
+    """Draws one or more timelines (e.g. predicted, then measured) as Gantt charts in a PNG.
+
+    Args:
+        path: the PNG file to write.
+        rows: ``(label, timeline)`` pairs, drawn top to bottom on a shared time axis;
+            the label should carry the step time, e.g. ``"predicted 0.41 s"``.
+        num_stages: K, one lane per device.
+        title: the figure title.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 1, sharex=True, squeeze=False,
+                             figsize=(11, 0.6 + (0.55 * num_stages + 0.5) * len(rows)))
+    for ax, (label, timeline) in zip(axes[:, 0], rows):
+        for iv in timeline:
+            s = iv.action.stage
+            ax.broken_barh([(iv.start, iv.duration)], (s - 0.4, 0.8),
+                           facecolors=_COLORS[iv.action.op], edgecolors="black", linewidth=0.4)
+            ax.text(iv.start + iv.duration / 2, s, f"{iv.action.op.value}{iv.action.microbatch}",
+                    ha="center", va="center", fontsize=7, color="white")
+        ax.set_yticks(range(num_stages), [f"device {s}" for s in range(num_stages)])
+        ax.set_ylim(num_stages - 0.5, -0.5)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("time (s)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
