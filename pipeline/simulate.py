@@ -200,8 +200,8 @@ def simulate(schedule: sched.Schedule, costs: Costs, transfer: float = 0.0) -> S
         for s in range(num_stages):
             while position[s] < len(schedule[s]):
                 action = schedule[s][position[s]]
-                deps = sched.dependencies(action, num_stages) + _own_dependencies(action)
-                if not all(d in end for d in deps):
+                deps = sched.dependencies(action, num_stages)
+                if not all(d in end for d in deps + _own_dependencies(action)):
                     break
                 start = max([free[s]] + [end[d] + transfer for d in deps])
                 duration = float(cost(action))
