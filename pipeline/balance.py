@@ -1,0 +1,180 @@
+"""Balanced stages: per-layer costs (parameters or profiled time) and an exact min-max contiguous partition.
+
+:func:`partition_points` splits a row of costs into K contiguous non-empty blocks
+so that the largest block sum is as small as possible (dynamic programming,
+exact, O(K n^2)). An equal-layer-count split is far off when one layer dominates::
+
+    costs:        8 1 1 1 1 1 1 1 1     K=2
+    equal layers: [8 1 1 1 1] [1 1 1 1]      slowest stage 12
+    exact:        [8] [1 1 1 1 1 1 1 1]      slowest stage  8
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Sequence
+
+BALANCE_MODES = ("params", "time")
+
+
+def partition_points(costs: Sequence[float], num_stages: int) -> list[int]:
+    """Exact contiguous partition of ``costs`` into ``num_stages`` blocks minimizing the largest block.
+
+    Among optimal partitions, the one whose cuts come earliest is returned, so
+    the result is deterministic.
+
+    Args:
+        costs: non-negative cost per item (layer or block of layers), in order.
+        num_stages: K, the number of non-empty blocks.
+
+    Returns:
+        The K-1 indices at which blocks 1..K-1 start (strictly increasing, in
+        ``1..len(costs)-1``); block k is ``costs[points[k-1]:points[k]]``.
+
+    Raises:
+        ValueError: if K < 1, K > len(costs) or a cost is negative.
+    """
+    n = len(costs)
+    if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
+        raise ValueError(f"num_stages must be an integer >= 1, got {num_stages!r}")
+    if num_stages > n:
+        raise ValueError(f"cannot cut {n} item(s) into {num_stages} non-empty stages; use at most {n} stages")
+    if any(c < 0 for c in costs):
+        raise ValueError(f"costs must be >= 0, got {list(costs)}")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    inf = float("inf")
+    # best[k][i]: the smallest max-block of costs[:i] cut into k blocks; cut[k][i]: where block k starts.
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, num_stages + 1):
+        for i in range(k, n - (num_stages - k) + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i] - 1e-12 * max(1.0, abs(value)):
+                    best[k][i], cut[k][i] = value, j
+    points, i = [], n
+    for k in range(num_stages, 1, -1):
+        i = cut[k][i]
+        points.append(i)
+    return points[::-1]
+
+
+def stage_sums(costs: Sequence[float], points: Sequence[int]) -> list[float]:
+    """The cost of each block for the cut ``points`` returned by :func:`partition_points`."""
+    bounds = [0, *points, len(costs)]
+    return [float(sum(costs[a:b])) for a, b in zip(bounds, bounds[1:])]
+
+
+def equal_count_points(num_items: int, num_stages: int) -> list[int]:
+    """Cut points giving every block the same number of items (the first blocks one more if uneven)."""
+    base, extra = divmod(num_items, num_stages)
+    points, at = [], 0
+    for k in range(num_stages - 1):
+        at += base + (1 if k < extra else 0)
+        points.append(at)
+    return points
+
+
+def layer_costs(model: Any, mode: str, sample_input: Any = None, layers: Sequence[Any] | None = None,
+                device: str | None = None, repeats: int = 5) -> list[float]:
+    """The cost of each layer of ``model``, for balancing stages.
+
+    Args:
+        model: a built Keras Sequential or functional model.
+        mode: ``"params"`` (number of weights of the layer) or ``"time"``
+            (median seconds of one forward + backward of the layer on its real
+            input, profiled in a ``tf.function`` on ``device``).
+        sample_input: a batch (as for ``model(sample_input)``); required for ``"time"``.
+        layers: the layers, in order (default: the model's layers without InputLayers).
+        device: where to profile (default: the current default device).
+        repeats: timed runs per layer after one warm-up; the median is kept.
+
+    Returns:
+        One non-negative float per layer.
+
+    Raises:
+        ValueError: unknown ``mode``, or ``"time"`` without ``sample_input``.
+    """
+    import keras
+
+    if layers is None:
+        layers = [layer for layer in (model.layers if isinstance(model, keras.Sequential) else model.operations)
+                  if not isinstance(layer, keras.layers.InputLayer)]
+    if mode == "params":
+        return [float(sum(int(_size(w.shape)) for w in layer.weights)) for layer in layers]
+    if mode != "time":
+        raise ValueError(f"balance={mode!r} is not known; use one of {', '.join(BALANCE_MODES)}")
+    if sample_input is None:
+        raise ValueError('balance="time" profiles every layer on a real batch: pass sample_input=<a batch>')
+    import contextlib
+
+    import tensorflow as tf
+
+    scope = tf.device(device) if device else contextlib.nullcontext()
+    with scope:
+        calls = _layer_calls(model, list(layers), sample_input)
+        return [_profile(layer, args, kwargs, repeats) for layer, (args, kwargs) in zip(layers, calls)]
+
+
+def _size(shape: Any) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _layer_calls(model: Any, layers: list[Any], sample_input: Any) -> list[tuple[tuple, dict]]:
+    """The concrete ``(args, kwargs)`` each layer is called with when the model runs on ``sample_input``."""
+    import keras
+    import tensorflow as tf
+
+    if isinstance(model, keras.Sequential):
+        calls, x = [], tf.convert_to_tensor(sample_input) if not isinstance(sample_input, (dict, list, tuple)) \
+            else sample_input
+        for layer in layers:
+            calls.append(((x,), {}))
+            x = layer(x)
+        return calls
+    needed: dict[int, Any] = {}
+    for layer in layers:
+        for t in layer._inbound_nodes[0].arguments.keras_tensors:  # noqa: SLF001 - no public graph API
+            needed.setdefault(id(t), t)
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    probe = keras.Model(inputs, list(needed.values()))
+    values = probe(sample_input)
+    values = values if isinstance(values, (list, tuple)) else [values]
+    table = {key: v for key, v in zip(needed, values)}
+    return [layer._inbound_nodes[0].arguments.fill_in(table) for layer in layers]  # noqa: SLF001
+
+
+def _profile(layer: Any, args: tuple, kwargs: dict, repeats: int) -> float:
+    """Median seconds of forward + backward (input and weight gradients) of one layer."""
+    import tensorflow as tf
+
+    inputs = [t for t in tf.nest.flatten((args, kwargs)) if isinstance(t, tf.Tensor) and t.dtype.is_floating]
+    variables = list(layer.trainable_variables)
+    if getattr(layer, "_call_has_training_arg", False):
+        kwargs = {**kwargs, "training": True}
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            y = layer(*args, **kwargs)
+        targets = [t for t in tf.nest.flatten(y) if t.dtype.is_floating]
+        grads = tape.gradient(targets, inputs + variables) if targets and (inputs or variables) else []
+        return [g for g in grads if g is not None] + targets
+
+    step()  # trace and warm up
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        out = step()
+        if out:
+            out[0].numpy()  # wait for the device (asynchronous on GPUs)
+        times.append(time.perf_counter() - start)
+    return float(statistics.median(times))

@@ -1,0 +1,103 @@
+"""Balancing: exact min-max contiguous partition (against brute force) and per-layer costs."""
+
+import itertools
+import random
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import balance
+
+
+def _brute_force(costs, k):
+    n = len(costs)
+    best = None
+    for points in itertools.combinations(range(1, n), k - 1):
+        value = max(balance.stage_sums(costs, points))
+        if best is None or value < best:
+            best = value
+    return best
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_partition_is_optimal_against_brute_force(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 9)
+    k = rng.randint(1, n)
+    costs = [rng.choice([0, 1, 2, 3, 10, 0.5]) * rng.random() for _ in range(n)]
+    points = balance.partition_points(costs, k)
+    assert len(points) == k - 1
+    assert points == sorted(set(points)) and all(1 <= p <= n - 1 for p in points)
+    assert max(balance.stage_sums(costs, points)) == pytest.approx(_brute_force(costs, k))
+
+
+def test_literal_partitions():
+    assert balance.partition_points([8, 1, 1, 1, 1, 1, 1, 1, 1], 2) == [1]
+    assert balance.partition_points([1, 1, 1, 1], 4) == [1, 2, 3]
+    assert balance.partition_points([1, 2, 3, 4, 5, 6, 7, 8, 9], 3) == [5, 7]
+    assert balance.partition_points([5], 1) == []
+    assert balance.equal_count_points(9, 2) == [5]
+    assert balance.equal_count_points(10, 3) == [4, 7]
+
+
+def test_too_many_stages():
+    with pytest.raises(ValueError, match=r"cannot cut 2 item\(s\) into 3 non-empty stages"):
+        balance.partition_points([1, 2], 3)
+
+
+def test_bad_stage_count():
+    with pytest.raises(ValueError, match="num_stages must be an integer >= 1"):
+        balance.partition_points([1, 2], 0)
+
+
+def test_negative_cost():
+    with pytest.raises(ValueError, match="costs must be >= 0"):
+        balance.partition_points([1, -2], 1)
+
+
+def _uneven_model():
+    return keras.Sequential([
+        keras.Input((16,)),
+        keras.layers.Dense(256, activation="relu", name="big"),
+        keras.layers.Dense(8, name="small1"),
+        keras.layers.ReLU(name="act"),
+        keras.layers.Dense(8, name="small2"),
+    ])
+
+
+def test_param_costs():
+    model = _uneven_model()
+    assert balance.layer_costs(model, "params") == [16 * 256 + 256, 256 * 8 + 8, 0, 8 * 8 + 8]
+
+
+def test_time_costs_sequential_and_functional():
+    x = np.random.default_rng(0).normal(size=(4, 16)).astype("float32")
+    seq = _uneven_model()
+    costs = balance.layer_costs(seq, "time", x, repeats=2)
+    assert len(costs) == 4 and all(c >= 0 and np.isfinite(c) for c in costs)
+    inp = keras.Input((16,))
+    h = keras.layers.Dense(32, name="a")(inp)
+    out = keras.layers.Add(name="add")([h, keras.layers.Dense(32, name="b")(h)])
+    func = keras.Model(inp, out)
+    layers = [op for op in func.operations if not isinstance(op, keras.layers.InputLayer)]
+    costs = balance.layer_costs(func, "time", x, layers=layers, device="/CPU:1", repeats=1)
+    assert len(costs) == 3 and all(c >= 0 for c in costs)
+
+
+def test_time_needs_sample_input():
+    with pytest.raises(ValueError, match="pass sample_input"):
+        balance.layer_costs(_uneven_model(), "time")
+
+
+def test_unknown_mode():
+    with pytest.raises(ValueError, match="balance='flops' is not known; use one of params, time"):
+        balance.layer_costs(_uneven_model(), "flops")
+
+
+def test_split_balanced_by_params():
+    from pipeline import partition
+
+    stages = partition.split(_uneven_model(), num_stages=2, balance="params")
+    assert [layer.name for layer in stages[0].layers] == ["big"]
+    assert [layer.name for layer in stages[1].layers] == ["small1", "act", "small2"]
