@@ -1,0 +1,461 @@
+"""Run configs: frozen dataclasses, strict YAML loading, errors that name the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+SOURCES = ("digits", "tfds", "image_folder", "synthetic")
+SCHEDULES = ("1f1b", "gpipe")
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "nadam")
+LOSSES = (
+    "sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy",
+    "mean_squared_error", "mse", "mean_absolute_error", "mae", "huber",
+)
+METRICS = (
+    "accuracy", "sparse_categorical_accuracy", "categorical_accuracy", "binary_accuracy",
+    "sparse_top_k_categorical_accuracy", "top_k_categorical_accuracy", "mae", "mse",
+)
+UNEVEN_POLICIES = ("allow", "forbid")
+BALANCES = ("params", "time")
+
+
+class ConfigError(PipelineError, ValueError):
+    """A config value is not acceptable; the message names key path, value and what is allowed."""
+
+
+def _fail(path: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{path}: got {value!r}; {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to build.
+
+    Attributes:
+        name: a zoo name from :mod:`pipeline.models`, or ``"package.module:function"``.
+        args: keyword arguments for the model function.
+    """
+
+    name: str = "digits_cnn"
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How the model is cut into stages: ``cuts`` (layer names) or ``num_stages`` balanced by ``balance``."""
+
+    cuts: tuple[str, ...] = ()
+    num_stages: int | None = None
+    balance: str = "params"
+
+    @property
+    def stages(self) -> int:
+        """K, the number of stages this split makes."""
+        return self.num_stages if self.num_stages else len(self.cuts) + 1
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Devices, micro-batches and schedule of the pipeline."""
+
+    devices: str | tuple[str, ...] = "auto"
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    uneven_microbatches: str = "allow"
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer name, learning rate and extra keyword arguments."""
+
+    name: str = "adam"
+    learning_rate: float = 0.001
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Input data; which fields apply depends on ``source`` (see ``SOURCE_KEYS``)."""
+
+    source: str = "digits"
+    batch_size: int = 32
+    shuffle_buffer: int = 1024
+    # tfds
+    name: str | None = None
+    data_dir: str | None = None
+    train_split: str = "train"
+    test_split: str | None = None
+    # tfds / image_folder
+    image_size: tuple[int, ...] | None = None
+    # image_folder
+    path: str | None = None
+    validation_fraction: float = 0.2
+    # synthetic
+    input_shape: tuple[int, ...] | None = None
+    num_classes: int = 10
+    num_samples: int = 256
+    num_test_samples: int = 64
+    # digits / image_folder / tfds without test split
+    test_fraction: float = 0.2
+
+
+COMMON_DATA_KEYS = ("source", "batch_size", "shuffle_buffer")
+SOURCE_KEYS = {
+    "digits": ("test_fraction",),
+    "tfds": ("name", "data_dir", "train_split", "test_split", "image_size", "test_fraction"),
+    "image_folder": ("path", "image_size", "validation_fraction"),
+    "synthetic": ("input_shape", "num_classes", "num_samples", "num_test_samples"),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How long to train: epochs, optional steps per epoch, validation after each epoch, per-step loss log."""
+
+    epochs: int = 1
+    steps_per_epoch: int | None = None
+    validate: bool = True
+    verbose: int = 1
+    log_steps: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoint policy: every N steps (and each epoch end), how many to keep, requeue on preemption."""
+
+    enabled: bool = True
+    every_steps: int = 100
+    keep: int = 3
+    requeue: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run config (the YAML file's top level)."""
+
+    name: str = "run"
+    run_dir: str | None = None
+    seed: int = 0
+    deterministic: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    loss: str = "sparse_categorical_crossentropy"
+    from_logits: bool = False
+    metrics: tuple[str, ...] = ("accuracy",)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain YAML-able data (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------ conversion
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_name(a) if a is not type(None) else "null" for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    if origin in (Mapping, dict) or tp in (Mapping, dict):
+        return "a mapping"
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Checks ``value`` against the type annotation ``tp``; returns it converted (lists -> tuples)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path)
+            except ConfigError:
+                continue
+        raise _fail(path, value, f"expected {_type_name(tp)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _fail(path, value, f"expected {_type_name(tp)}")
+        inner = typing.get_args(tp)[0]
+        return tuple(_convert(inner, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or tp in (Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise _fail(path, value, "expected a mapping of keyword arguments")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _fail(path, value, "expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(path, value, "expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(path, value, "expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _fail(path, value, "expected a string")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {path}")
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise _fail(path or "<top level>", raw, f"expected a mapping with keys {_keys(cls)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"{sub}: unknown key (value {value!r}); allowed keys here: {', '.join(names)}")
+        kwargs[key] = _convert(hints[key], value, sub)
+    return cls(**kwargs)
+
+
+def _keys(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+# ------------------------------------------------------------------ validation
+
+def _choice(path: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise _fail(path, value, f"allowed: {', '.join(allowed)}")
+
+
+def _positive(path: str, value: Any, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise _fail(path, value, f"must be >= {minimum}")
+
+
+def _fraction(path: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise _fail(path, value, "must be a fraction strictly between 0 and 1")
+
+
+def _check_model(cfg: Config) -> None:
+    from pipeline import models  # no TensorFlow at import
+
+    name = cfg.model.name
+    if ":" in name:
+        module, _, func = name.partition(":")
+        if not re.fullmatch(r"[A-Za-z_][\w.]*", module) or not re.fullmatch(r"[A-Za-z_]\w*", func):
+            raise _fail("model.name", name, "a custom model is written 'package.module:function'")
+        return
+    if name not in models.ZOO:
+        raise _fail("model.name", name, f"allowed: {', '.join(sorted(models.ZOO))} or 'package.module:function'")
+    cut_points = models.cut_points(name, **cfg.model.args)
+    for i, cut in enumerate(cfg.split.cuts):
+        if cut not in cut_points:
+            raise _fail(f"split.cuts[{i}]", cut,
+                        f"not a layer of model {name!r}; its cut points are: {', '.join(cut_points)}")
+    if cfg.split.num_stages and cfg.split.num_stages > len(cut_points) + 1:
+        raise _fail("split.num_stages", cfg.split.num_stages,
+                    f"model {name!r} can be cut into at most {len(cut_points) + 1} stages")
+
+
+def _check_split(cfg: Config) -> None:
+    s = cfg.split
+    if s.cuts and s.num_stages is not None:
+        raise ConfigError(f"split: give either cuts ({list(s.cuts)!r}) or num_stages ({s.num_stages!r}), not both")
+    _positive("split.num_stages", s.num_stages)
+    _choice("split.balance", s.balance, BALANCES)
+    if len(set(s.cuts)) != len(s.cuts):
+        raise _fail("split.cuts", list(s.cuts), "each cut layer may appear once")
+    devices = cfg.pipeline.devices
+    if isinstance(devices, tuple) and len(devices) != s.stages:
+        raise _fail("pipeline.devices", list(devices), f"give one device per stage ({s.stages} stages), or auto/cpu/gpu")
+    if isinstance(devices, str) and devices not in ("auto", "cpu", "gpu"):
+        raise _fail("pipeline.devices", devices, "allowed: auto, cpu, gpu, or a list of device names")
+
+
+def _check_data(cfg: Config) -> None:
+    d = cfg.data
+    _choice("data.source", d.source, SOURCES)
+    _positive("data.batch_size", d.batch_size)
+    _positive("data.shuffle_buffer", d.shuffle_buffer)
+    defaults = DataConfig()
+    allowed = set(COMMON_DATA_KEYS) | set(SOURCE_KEYS[d.source])
+    for f in dataclasses.fields(DataConfig):
+        if f.name not in allowed and getattr(d, f.name) != getattr(defaults, f.name):
+            users = [s for s, keys in SOURCE_KEYS.items() if f.name in keys]
+            raise _fail(f"data.{f.name}", getattr(d, f.name),
+                        f"not used with source {d.source!r} (only with: {', '.join(users)}); "
+                        f"keys for {d.source!r}: {', '.join(sorted(allowed))}")
+    _fraction("data.test_fraction", d.test_fraction)
+    _fraction("data.validation_fraction", d.validation_fraction)
+    if d.image_size is not None and (len(d.image_size) != 2 or min(d.image_size) < 1):
+        raise _fail("data.image_size", list(d.image_size), "expected [height, width], both >= 1")
+    if d.source == "tfds" and not d.name:
+        raise _fail("data.name", d.name, "source tfds needs a TFDS dataset name, e.g. cats_vs_dogs")
+    if d.source in ("tfds", "image_folder") and d.image_size is None:
+        raise _fail("data.image_size", None, f"source {d.source} needs image_size: [height, width]")
+    if d.source == "image_folder":
+        if not d.path:
+            raise _fail("data.path", d.path, "source image_folder needs path: a folder with one sub-folder per class")
+        if not os.path.isdir(d.path):
+            raise _fail("data.path", d.path, "the folder does not exist; it must hold one sub-folder per class")
+        classes = [e for e in os.listdir(d.path) if os.path.isdir(os.path.join(d.path, e))]
+        if len(classes) < 2:
+            raise _fail("data.path", d.path, f"found {len(classes)} class sub-folder(s); need at least 2")
+    if d.source == "synthetic":
+        if not d.input_shape or min(d.input_shape) < 1:
+            raise _fail("data.input_shape", d.input_shape, "source synthetic needs input_shape, e.g. [32, 32, 3]")
+        _positive("data.num_classes", d.num_classes, 2)
+        _positive("data.num_samples", d.num_samples)
+        _positive("data.num_test_samples", d.num_test_samples)
+        if d.num_samples < d.batch_size:
+            raise _fail("data.num_samples", d.num_samples, f"must be >= data.batch_size ({d.batch_size})")
+
+
+def _check_pipeline(cfg: Config) -> None:
+    p = cfg.pipeline
+    _positive("pipeline.microbatches", p.microbatches)
+    _choice("pipeline.schedule", p.schedule, SCHEDULES)
+    _choice("pipeline.uneven_microbatches", p.uneven_microbatches, UNEVEN_POLICIES)
+    if p.microbatches > cfg.data.batch_size:
+        raise _fail("pipeline.microbatches", p.microbatches,
+                    f"must be <= data.batch_size ({cfg.data.batch_size})")
+    if p.uneven_microbatches == "forbid" and cfg.data.batch_size % p.microbatches:
+        raise _fail("data.batch_size", cfg.data.batch_size,
+                    f"must be divisible by pipeline.microbatches ({p.microbatches}) because "
+                    "pipeline.uneven_microbatches is 'forbid'")
+
+
+def validate(cfg: Config) -> Config:
+    """Checks values and their combinations; returns ``cfg`` or raises :class:`ConfigError`.
+
+    Raises:
+        ConfigError: naming the key path, the value and what is allowed.
+    """
+    if not re.fullmatch(r"[\w.-]+", cfg.name):
+        raise _fail("name", cfg.name, "use letters, digits, '_', '-', '.' (it names the run folder)")
+    _positive("seed", cfg.seed, 0)
+    _check_split(cfg)
+    _check_model(cfg)
+    _check_pipeline(cfg)
+    _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
+    if cfg.optimizer.learning_rate <= 0:
+        raise _fail("optimizer.learning_rate", cfg.optimizer.learning_rate, "must be > 0")
+    _choice("loss", cfg.loss, LOSSES)
+    for i, metric in enumerate(cfg.metrics):
+        _choice(f"metrics[{i}]", metric, METRICS)
+    _check_data(cfg)
+    _positive("train.epochs", cfg.train.epochs)
+    _positive("train.steps_per_epoch", cfg.train.steps_per_epoch)
+    _choice("train.verbose", cfg.train.verbose, (0, 1, 2))
+    _positive("checkpoint.every_steps", cfg.checkpoint.every_steps)
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
+    return cfg
+
+
+# ------------------------------------------------------------------ loading
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Applies ``key.sub=value`` overrides (values parsed as YAML) to raw config data.
+
+    Raises:
+        ConfigError: an override without ``=`` or one that walks into a non-mapping.
+    """
+    raw = dict(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key.sub=value, e.g. --set train.epochs=3")
+        parts = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, Mapping):
+                raise _fail(".".join(parts[: i + 1]), child, f"is not a mapping, cannot set {key}")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return raw
+
+
+def from_dict(raw: Any, overrides: Sequence[str] = ()) -> Config:
+    """Builds and validates a :class:`Config` from plain data (e.g. parsed YAML).
+
+    Raises:
+        ConfigError: unknown keys, wrong types or impossible values.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise _fail("<top level>", raw, f"expected a mapping with keys {_keys(Config)}")
+    raw = apply_overrides(dict(raw), overrides)
+    return validate(_build(Config, raw, ""))
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """Loads a YAML run config (``yaml.safe_load``), applies overrides and validates it.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key.sub=value`` strings (values parsed as YAML).
+
+    Returns:
+        The validated, frozen :class:`Config`.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or any value is not acceptable.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist; pass a YAML file such as configs/digits_cnn.yaml")
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    try:
+        return from_dict(raw, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def dump(cfg: Config, path: str | os.PathLike) -> None:
+    """Writes the resolved config as YAML (what the run actually used)."""
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
