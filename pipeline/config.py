@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
 import re
@@ -179,7 +180,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) if a is not type(None) else "null" for a in typing.get_args(tp))
     if origin is tuple:
         return f"a list of {_type_name(typing.get_args(tp)[0])}s"
-    if origin in (Mapping, dict) or tp in (Mapping, dict):
+    if origin in (Mapping, dict, collections.abc.Mapping) or tp in (Mapping, dict):
         return "a mapping"
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -206,7 +207,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise _fail(path, value, f"expected {_type_name(tp)}")
         inner = typing.get_args(tp)[0]
         return tuple(_convert(inner, v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin in (Mapping, dict) or tp in (Mapping, dict):
+    if origin in (Mapping, dict, collections.abc.Mapping) or tp in (Mapping, dict):
         if not isinstance(value, Mapping):
             raise _fail(path, value, "expected a mapping of keyword arguments")
         return dict(value)

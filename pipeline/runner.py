@@ -1,0 +1,334 @@
+"""``pipeline train | evaluate | predict``: run a YAML config with ``PipelineModel.fit`` into a run folder."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import Config, ConfigError, dump, load_config
+from pipeline.errors import PipelineError
+
+EXIT_CONFIG_ERROR = 2
+"""Exit code for a bad config or bad input (the message says what to change)."""
+
+
+# ------------------------------------------------------------------ building blocks
+
+def _loss(cfg: Config) -> Any:
+    import keras
+
+    classes = {
+        "sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy,
+        "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
+        "binary_crossentropy": keras.losses.BinaryCrossentropy,
+    }
+    if cfg.loss in classes:
+        return classes[cfg.loss](from_logits=cfg.from_logits)
+    return keras.losses.get(cfg.loss)
+
+
+def _optimizer(cfg: Config) -> Any:
+    import keras
+
+    return keras.optimizers.get({"class_name": cfg.optimizer.name,
+                                 "config": {"learning_rate": cfg.optimizer.learning_rate, **cfg.optimizer.args}})
+
+
+def _batch_loss_metric(loss: Any) -> Any:
+    import keras
+
+    class BatchLoss(keras.metrics.Metric):
+        """The loss of the last batch alone (recomputed from its merged outputs), not a running mean."""
+
+        def __init__(self, name: str = "batch_loss", **kwargs: Any):
+            super().__init__(name=name, **kwargs)
+            self.value = self.add_variable(shape=(), initializer="zeros", name="value")
+
+        def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+            self.value.assign(keras.ops.cast(loss(y_true, y_pred, sample_weight), self.value.dtype))
+
+        def result(self) -> Any:
+            return self.value
+
+    return BatchLoss()
+
+
+@dataclass
+class Built:
+    """Everything a config builds: the data, the full model, its stages, the pipeline, the checkpointer."""
+
+    data: Any
+    model: Any
+    stages: list
+    pipeline: Any
+    checkpointer: Any
+    devices: list
+
+
+def build(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0)) -> Built:
+    """Seeds, devices, data, model, split, compiled ``PipelineModel`` and its checkpointer (nothing restored).
+
+    Args:
+        cfg: a validated config.
+        run_dir: the run folder (checkpoints go to ``run_dir/checkpoints``).
+        shard: ``(num_shards, index)`` of this data-parallel replica.
+    """
+    from pipeline import devices as devices_lib  # TensorFlow starts here
+
+    devices_arg = list(cfg.pipeline.devices) if isinstance(cfg.pipeline.devices, tuple) else cfg.pipeline.devices
+    device_names = devices_lib.resolve(cfg.split.stages, devices_arg)  # before any TF op (CPU fallback)
+
+    import keras
+    import tensorflow as tf
+
+    from pipeline import data as data_lib
+    from pipeline import models
+    from pipeline.checkpoint import Checkpointer
+    from pipeline.model import PipelineModel
+    from pipeline.partition import split
+
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    data = data_lib.load(cfg.data, cfg.seed).shard(*shard)
+    model = models.build(cfg.model.name, data.input_shape, data.num_classes, **cfg.model.args)
+    if cfg.split.cuts:
+        stages = split(model, cuts=list(cfg.split.cuts))
+    elif cfg.split.stages > 1:
+        sample = next(iter(data.train.batch(cfg.data.batch_size)))[0] if cfg.split.balance == "time" else None
+        stages = split(model, num_stages=cfg.split.stages, balance=cfg.split.balance, sample_input=sample)
+    else:
+        stages = [model]
+    pipe = PipelineModel(stages, devices=device_names, microbatches=cfg.pipeline.microbatches,
+                         schedule=cfg.pipeline.schedule, name=f"pipeline_{cfg.name}")
+    loss = _loss(cfg)
+    metrics = list(cfg.metrics) + ([_batch_loss_metric(loss)] if cfg.train.log_steps else [])
+    pipe.compile(optimizer=_optimizer(cfg), loss=loss, metrics=metrics)
+    pipe.build((None, *data.input_shape))
+    pipe.optimizer.build(pipe.trainable_variables)
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), stages, pipe.optimizer, cfg.checkpoint.keep)
+    return Built(data, model, stages, pipe, checkpointer, device_names)
+
+
+def _metrics_callback(path: str, batch_size: int) -> Any:
+    import keras
+
+    class MetricsFile(keras.callbacks.Callback):
+        """Appends one JSON line per epoch: epoch, loss, metrics, samples/s, seconds per step."""
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.start, self.steps = time.perf_counter(), 0
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            self.steps += 1
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            seconds = time.perf_counter() - self.start
+            row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
+                   "steps": self.steps, "samples_per_s": self.steps * batch_size / max(seconds, 1e-9),
+                   "time_per_step_s": seconds / max(self.steps, 1)}
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    return MetricsFile()
+
+
+def _steps_callback(path: str, start_step: int) -> Any:
+    import keras
+
+    class StepsFile(keras.callbacks.Callback):
+        """Appends one JSON line per step: global step and that step's loss (``batch_loss``)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.step = start_step
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            self.step += 1
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.step, "loss": float(logs["batch_loss"])}) + "\n")
+
+    return StepsFile()
+
+
+# ------------------------------------------------------------------ commands
+
+def run_dir_for(cfg: Config, override: str | None) -> str:
+    """The run folder: ``--run-dir``, else the config's ``run_dir``, else ``runs/<name>``."""
+    return override or cfg.run_dir or os.path.join("runs", cfg.name)
+
+
+def train(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0), reducer: Any = None) -> int:
+    """Trains ``cfg`` into ``run_dir``, resuming from its latest checkpoint; returns the exit code.
+
+    Returns:
+        0 when training finished, :data:`pipeline.checkpoint.PREEMPTED_EXIT_CODE` when a
+        SIGTERM/SIGUSR1 stopped it after a checkpoint.
+    """
+    from pipeline.checkpoint import PREEMPTED_EXIT_CODE, CheckpointCallback, Preemption, requeue_slurm_job
+
+    preemption = Preemption().install()  # before TensorFlow starts its work
+    os.makedirs(run_dir, exist_ok=True)
+    dump(cfg, os.path.join(run_dir, "config.yaml"))
+    b = build(cfg, run_dir, shard)
+    if reducer is not None:
+        b.pipeline.gradient_reducer = reducer
+
+    import keras
+
+    from pipeline import data as data_lib
+
+    spe = data_lib.steps_per_epoch(b.data.num_train, cfg.data.batch_size, cfg.train.steps_per_epoch)
+    start, path = b.checkpointer.restore_latest() if cfg.checkpoint.enabled else (0, None)
+    if path:
+        saved_spe = int(b.checkpointer.steps_per_epoch.numpy())
+        if saved_spe and saved_spe != spe:
+            print(f"[pipeline] warning: checkpoint has {saved_spe} steps per epoch, config now {spe}; "
+                  "the data position is recomputed with the new value", flush=True)
+        print(f"[pipeline] resumed from {path} at step {start} (epoch {start // spe + 1}, "
+              f"batch {start % spe} of {spe})", flush=True)
+    total = spe * cfg.train.epochs
+    print(f"[pipeline] run folder {run_dir}: {len(b.stages)} stages on {b.devices}, "
+          f"{cfg.pipeline.microbatches} micro-batches, schedule {cfg.pipeline.schedule}, "
+          f"{spe} steps/epoch x {cfg.train.epochs} epochs", flush=True)
+    ckpt_cb = CheckpointCallback(b.checkpointer, spe, start, cfg.checkpoint.every_steps,
+                                 preemption) if cfg.checkpoint.enabled else None
+    callbacks = [keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), update_freq="epoch"),
+                 _metrics_callback(os.path.join(run_dir, "metrics.jsonl"), cfg.data.batch_size)]
+    if cfg.train.log_steps:
+        callbacks.append(_steps_callback(os.path.join(run_dir, "steps.jsonl"), start))
+    if ckpt_cb is not None:
+        callbacks.append(ckpt_cb)
+    test = data_lib.eval_dataset(b.data.test, cfg.data.batch_size) if cfg.train.validate else None
+    epoch, offset = divmod(start, spe)
+    # A resumed run first finishes its partial epoch (fewer steps), then runs whole epochs.
+    phases = ([(epoch, spe - offset)] if offset else []) + ([(epoch + bool(offset), spe)]
+                                                          if epoch + bool(offset) < cfg.train.epochs else [])
+    for first, steps in phases:
+        last = first + 1 if steps != spe else cfg.train.epochs
+        stream = data_lib.train_stream(b.data.train, cfg.data.batch_size, spe, cfg.seed, start_step=first * spe
+                                       + (spe - steps), end_epoch=last, shuffle_buffer=cfg.data.shuffle_buffer)
+        b.pipeline.fit(stream, epochs=last, initial_epoch=first, steps_per_epoch=steps, validation_data=test,
+                       callbacks=callbacks, verbose=cfg.train.verbose, shuffle=False)
+        if ckpt_cb is not None and ckpt_cb.preempted:
+            if cfg.checkpoint.requeue:
+                requeue_slurm_job()
+            print(f"[pipeline] preempted at step {ckpt_cb.global_step}: checkpoint written to "
+                  f"{b.checkpointer.directory}; rerun the same command to resume", flush=True)
+            return PREEMPTED_EXIT_CODE
+    if start >= total:
+        print(f"[pipeline] already trained: step {start} of {total}", flush=True)
+    results = b.pipeline.evaluate(data_lib.eval_dataset(b.data.test, cfg.data.batch_size), verbose=0,
+                                  return_dict=True)
+    results = {k: float(v) for k, v in results.items() if k != "batch_loss"}
+    with open(os.path.join(run_dir, "test_metrics.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    b.model.save(os.path.join(run_dir, "model.keras"))
+    print("[pipeline] test " + ", ".join(f"{k}: {v:.4f}" for k, v in results.items()), flush=True)
+    return 0
+
+
+def _restored(args: argparse.Namespace) -> tuple[Config, Built]:
+    from pipeline.checkpoint import find_checkpoint
+
+    cfg = load_config(args.config, args.set)
+    run_dir = run_dir_for(cfg, args.run_dir)
+    b = build(cfg, run_dir)
+    path = find_checkpoint(args.checkpoint or run_dir)
+    step = b.checkpointer.restore(path)
+    print(f"[pipeline] restored {path} (step {step})", file=sys.stderr, flush=True)
+    return cfg, b
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """``pipeline evaluate CONFIG [--checkpoint PATH]``: test-set metrics as JSON on stdout."""
+    from pipeline import data as data_lib
+
+    cfg, b = _restored(args)
+    results = b.pipeline.evaluate(data_lib.eval_dataset(b.data.test, cfg.data.batch_size), verbose=0,
+                                  return_dict=True)
+    print(json.dumps({k: float(v) for k, v in results.items() if k != "batch_loss"}))
+    return 0
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """``pipeline predict CONFIG [--checkpoint PATH] [--limit N] [--output FILE]``: test-set predictions as JSONL."""
+    import numpy as np
+
+    from pipeline import data as data_lib
+
+    cfg, b = _restored(args)
+    test = b.data.test.take(args.limit) if args.limit else b.data.test
+    labels = np.concatenate([y.numpy().reshape(-1) for _, y in test.batch(cfg.data.batch_size)])
+    probs = b.pipeline.predict(data_lib.eval_dataset(test.map(lambda x, y: x), cfg.data.batch_size), verbose=0)
+    names = b.data.class_names or [str(i) for i in range(b.data.num_classes)]
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for i, (label, p) in enumerate(zip(labels, probs)):
+            k = int(np.argmax(p))
+            out.write(json.dumps({"index": i, "label": names[int(label)], "predicted": names[k],
+                                  "probability": float(p[k])}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"[pipeline] {len(labels)} predictions, accuracy {float(np.mean(np.argmax(probs, 1) == labels)):.4f}",
+          file=sys.stderr, flush=True)
+    return 0
+
+
+def _available_configs() -> str:
+    found = sorted(glob.glob(os.path.join("configs", "*.yaml")))
+    return ", ".join(found) if found else "(none in ./configs)"
+
+
+def _guard(func: Any) -> Any:
+    """Runs a command, printing config/input errors (no traceback) with exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        if not args.config:
+            print(f"pipeline {args.command}: needs a config file, e.g. `pipeline {args.command} "
+                  f"configs/digits_cnn.yaml`. Available: {_available_configs()}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        try:
+            return func(args)
+        except ConfigError as err:
+            print(f"config error: {err}", file=sys.stderr)
+        except (PipelineError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    return run
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """``pipeline train CONFIG [--set k=v ...] [--run-dir DIR]``."""
+    cfg = load_config(args.config, args.set)
+    return train(cfg, run_dir_for(cfg, args.run_dir))
+
+
+def register(subparsers: Any) -> None:
+    """Adds ``train``, ``evaluate`` and ``predict`` to the ``pipeline`` command."""
+    specs = {
+        "train": (train_command, "train a YAML config; rerun the same command to resume"),
+        "evaluate": (evaluate_command, "test-set metrics of a trained run"),
+        "predict": (predict_command, "test-set predictions of a trained run (JSON lines)"),
+    }
+    for name, (func, help_text) in specs.items():
+        p = subparsers.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", nargs="?", help="YAML run config, e.g. configs/digits_cnn.yaml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+        p.add_argument("--run-dir", help="run folder (default: the config's run_dir, else runs/<name>)")
+        if name != "train":
+            p.add_argument("--checkpoint", help="run folder, checkpoints folder or checkpoint prefix "
+                                                "(default: the run folder's latest)")
+        if name == "predict":
+            p.add_argument("--limit", type=int, default=0, help="predict only the first N test examples")
+            p.add_argument("--output", help="write JSON lines here instead of stdout")
+        p.set_defaults(func=_guard(func))
