@@ -127,9 +127,10 @@ def _metrics_callback(path: str, batch_size: int) -> Any:
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
             self.steps += 1
+            self.end = time.perf_counter()
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            seconds = time.perf_counter() - self.start
+            seconds = self.end - self.start  # training steps only, not validation
             row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()},
                    "steps": self.steps, "samples_per_s": self.steps * batch_size / max(seconds, 1e-9),
                    "time_per_step_s": seconds / max(self.steps, 1)}
