@@ -65,13 +65,9 @@ def gpu_device_names() -> list[str]:
     return [d.name for d in tf.config.list_logical_devices("GPU")]
 
 
-def _known_local_devices() -> set[str]:
-    names = set()
-    for d in tf.config.list_logical_devices():
-        names.add(d.name)
-        names.add(d.name.replace("/job:localhost/replica:0/task:0", ""))
-        names.add(d.name.replace("/job:localhost/replica:0/task:0/device:", "/"))
-    return {n.upper() for n in names}
+def _local_key(name: str) -> tuple[str, int]:
+    spec = tf.DeviceSpec.from_string(name)
+    return (spec.device_type or "").upper(), spec.device_index or 0
 
 
 def _check_explicit(devices: Sequence[str], num_stages: int) -> list[str]:
@@ -81,11 +77,18 @@ def _check_explicit(devices: Sequence[str], num_stages: int) -> list[str]:
             f"devices lists {len(devices)} device(s) {devices} for {num_stages} stage(s); "
             "give exactly one device per stage (a device may repeat)"
         )
-    known = _known_local_devices()
+    known = {_local_key(d.name) for d in tf.config.list_logical_devices()}
     for d in devices:
-        if d.startswith("/job:") and not d.startswith("/job:localhost"):
+        try:
+            spec = tf.DeviceSpec.from_string(d)
+        except ValueError:
+            raise DeviceError(
+                f"device {d!r} is not a device name; use names like '/GPU:0', '/CPU:1' or "
+                "'/job:worker/task:1/device:GPU:0'"
+            ) from None
+        if spec.job not in (None, "localhost"):
             continue  # a device of another task of a cluster; checked when connecting
-        if d.upper() not in known:
+        if _local_key(d) not in known:
             raise DeviceError(
                 f"device {d!r} is not a device of this process; it has "
                 f"{sorted(n.name for n in tf.config.list_logical_devices())}. "

@@ -3,3 +3,7 @@
 
 class PipelineError(Exception):
     """Bad input or setup, explained: the setting, the value received, what is allowed, how to fix it."""
+
+
+class SettingError(PipelineError, ValueError):
+    """A setting has a value that is not allowed (the message names setting, value and what is allowed)."""

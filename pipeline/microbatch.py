@@ -12,6 +12,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from pipeline.errors import SettingError
+
 
 def check_count(num_microbatches: Any) -> int:
     """Validates the micro-batch count M (an int >= 1) and returns it.
@@ -20,7 +22,7 @@ def check_count(num_microbatches: Any) -> int:
         ValueError: naming the setting, the value received and what is allowed.
     """
     if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
-        raise ValueError(
+        raise SettingError(
             f"microbatches must be an integer >= 1, got {num_microbatches!r}. "
             "Pass e.g. microbatches=4 (1 disables micro-batching)."
         )
@@ -38,7 +40,7 @@ def sizes(total: tf.Tensor | int, num_microbatches: int) -> list[int] | tf.Tenso
     """Micro-batch sizes under the array_split policy (a list when ``total`` is static)."""
     if isinstance(total, int):
         if num_microbatches > total:
-            raise ValueError(
+            raise SettingError(
                 f"microbatches={num_microbatches} is larger than the batch size {total}; "
                 f"use at most {total} micro-batches or a larger batch"
             )

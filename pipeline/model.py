@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from pipeline import devices as devices_lib
 from pipeline import microbatch as mb_lib
+from pipeline.errors import SettingError
 from pipeline.executor import Executor
 from pipeline.stage import Stage
 
@@ -70,6 +71,7 @@ class PipelineModel(keras.Model):
         ]
         self.executor = Executor(self._pipeline_stages, schedule, microbatches)
         self.gradient_reducer = gradient_reducer
+        _check_known_shapes(self._pipeline_stages)
         for stage in self._pipeline_stages:
             if stage.layer.built:
                 stage.place()
@@ -104,16 +106,22 @@ class PipelineModel(keras.Model):
                 x = stage.layer(x, training=training)
         return x
 
-    def make_train_function(self, force: bool = False) -> Callable:
-        """Builds the optimizer eagerly first, so its slots sit beside their variables."""
-        stages_built = all(stage.layer.built for stage in self._pipeline_stages)
-        if self.optimizer is not None and not self.optimizer.built and stages_built:
-            self.optimizer.build(self.trainable_variables)
-        return super().make_train_function(force=force)
+    def _ensure_built(self, x: Any, training: bool) -> None:
+        """Builds unbuilt stages on their devices, and the optimizer beside them, eagerly.
+
+        Keras' TensorFlow trainer builds lazily while tracing the step; variables
+        made there would land on the default device, so this lifts both builds
+        out of the trace.
+        """
+        if not all(stage.layer.built for stage in self._pipeline_stages):
+            self.build(tf.nest.map_structure(lambda t: tuple(t.shape), x))
+        if training and self.optimizer is not None and not self.optimizer.built:
+            with tf.init_scope():
+                self.optimizer.build(self.trainable_variables)
 
     def _microbatch_loss(self, ys: list[Any], sample_weights: list[Any], total: tf.Tensor):
         if self._compile_loss is None:
-            raise ValueError("PipelineModel has no loss: call compile(loss=...) before fit/evaluate")
+            raise SettingError("PipelineModel has no loss: call compile(loss=...) before fit/evaluate")
 
         def loss_fn(j: int, y_pred: Any) -> tf.Tensor:
             size = tf.shape(tf.nest.flatten(y_pred)[0])[0]
@@ -125,6 +133,7 @@ class PipelineModel(keras.Model):
     def train_step(self, data: Any) -> dict[str, Any]:
         """One pipelined step: micro-batches forward and back, one optimizer update."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        self._ensure_built(x, training=True)
         m = self.executor.num_microbatches
         size = mb_lib.batch_size(x)
         total = tf.cast(size, tf.float32)
@@ -144,6 +153,7 @@ class PipelineModel(keras.Model):
     def test_step(self, data: Any) -> dict[str, Any]:
         """Evaluation: a forward-only pipeline, then Keras' loss and metrics on the merged output."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        self._ensure_built(x, training=False)
         y_pred = self.executor.infer(x)
         loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
         self._loss_tracker.update_state(loss, sample_weight=mb_lib.batch_size(x))
@@ -152,6 +162,7 @@ class PipelineModel(keras.Model):
     def predict_step(self, data: Any) -> Any:
         """Prediction: a forward-only pipeline over micro-batches."""
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        self._ensure_built(x, training=False)
         return self.executor.infer(x)
 
     def get_config(self) -> dict[str, Any]:
@@ -176,6 +187,30 @@ def _shape_of(spec: Any) -> Any:
     return tf.nest.map_structure(lambda t: tuple(t.shape), spec)
 
 
+def _known_shape(layer: keras.layers.Layer, attr: str) -> tuple | None:
+    tensors = getattr(layer, attr, None) if layer.built and isinstance(layer, keras.Model) else None
+    try:
+        flat = tf.nest.flatten(tensors) if tensors else []
+    except (AttributeError, ValueError):
+        return None
+    return tuple(flat[0].shape) if len(flat) == 1 else None
+
+
+def _check_known_shapes(stages: list[Stage]) -> None:
+    """Rejects, before any compute, a stage whose known input shape differs from the previous output."""
+    for prev, stage in zip(stages, stages[1:]):
+        out, inp = _known_shape(prev.layer, "outputs"), _known_shape(stage.layer, "inputs")
+        if out is None or inp is None:
+            continue
+        if len(out) != len(inp) or any(a is not None and b is not None and a != b
+                                       for a, b in zip(out[1:], inp[1:])):
+            raise SettingError(
+                f"stage {stage.index} ({stage.layer.name!r}) expects input shape {inp}, but stage "
+                f"{prev.index} ({prev.layer.name!r}) outputs shape {out}. Make stage {prev.index}'s "
+                f"output match stage {stage.index}'s input (check where the model was cut)."
+            )
+
+
 def _build_stage(stage: Stage, spec: Any, stages: list[Stage]) -> Any:
     """Builds one stage; a failure on stage i > 0 names both stages and shapes."""
     try:
@@ -186,7 +221,7 @@ def _build_stage(stage: Stage, spec: Any, stages: list[Stage]) -> Any:
         prev = stages[stage.index - 1]
         expected = getattr(stage.layer, "input_shape", None) if stage.layer.built else None
         wanted = f" (it expects input shape {expected})" if expected is not None else ""
-        raise ValueError(
+        raise SettingError(
             f"stage {stage.index} ({stage.layer.name!r}) does not accept the output of stage "
             f"{prev.index} ({prev.layer.name!r}): stage {prev.index} outputs shape {_shape_of(spec)}"
             f"{wanted}. Make stage {prev.index}'s output match stage {stage.index}'s input. "

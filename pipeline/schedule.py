@@ -7,7 +7,7 @@ import enum
 import re
 from typing import Callable, Iterator, Sequence
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, SettingError
 
 Schedule = list[list["Action"]]
 """One ordered list of actions per stage (stage ``i`` runs ``schedule[i]`` in order)."""
@@ -130,7 +130,7 @@ def get(name: str) -> Callable[[int, int], Schedule]:
     aliases = {"one_f_one_b": "1f1b", "1f_1b": "1f1b"}
     key = aliases.get(key, key)
     if key not in GENERATORS:
-        raise ValueError(
+        raise SettingError(
             f"unknown schedule {name!r}; known schedules: {', '.join(sorted(GENERATORS))}. "
             "Pass one of them as schedule=..."
         )

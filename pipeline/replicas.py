@@ -1,0 +1,267 @@
+"""Data parallelism across pipeline replicas: Horovod (or none), broadcast of state, one all-reduce per step."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Sequence
+
+import keras
+import tensorflow as tf
+
+BACKENDS = ("auto", "horovod", "none")
+STALL_CHECK_SECONDS = 60
+"""Default ``HOROVOD_STALL_CHECK_TIME_SECONDS``: warn when a rank has not joined a collective for this long."""
+STALL_SHUTDOWN_SECONDS = 300
+"""Default ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS``: stop the job (instead of hanging) after this long."""
+
+_LAUNCHER_RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+_state: dict[str, Any] = {"backend": None, "hvd": None}
+
+
+class ReplicaError(RuntimeError):
+    """Replicas cannot be set up as asked; the message says how to fix it."""
+
+
+def launched_by_horovod() -> bool:
+    """Whether this process was started by ``horovodrun`` (Gloo or MPI) or ``mpirun``."""
+    return any(os.environ.get(v) for v in _LAUNCHER_RANK_VARS)
+
+
+def _import_horovod() -> Any:
+    try:
+        import horovod.tensorflow as hvd  # noqa: PLC0415 - optional dependency
+    except ImportError as err:
+        raise ReplicaError(
+            "Horovod is not importable in this Python "
+            f"({err}); install it with `bash launch/install_horovod.sh {sys.executable}`"
+        ) from err
+    return hvd
+
+
+def init(backend: str = "auto", stall_check_seconds: int | None = None,
+         stall_shutdown_seconds: int | None = None) -> str:
+    """Chooses and starts the replica backend (idempotent).
+
+    Args:
+        backend: ``"auto"`` (Horovod when started by ``horovodrun``/``mpirun``,
+            else ``"none"``), ``"horovod"`` (required; fails if not importable),
+            or ``"none"`` (a single replica).
+        stall_check_seconds: Horovod stall warning after this many seconds
+            (default: ``HOROVOD_STALL_CHECK_TIME_SECONDS`` or 60).
+        stall_shutdown_seconds: Horovod stops the job when a rank stalls this long
+            (default: ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` or 300), so a dead
+            rank ends the run with an error rather than a hang.
+
+    Returns:
+        The backend in use: ``"horovod"`` or ``"none"``.
+
+    Raises:
+        ReplicaError: an unknown backend, or Horovod asked for but not importable.
+    """
+    if backend not in BACKENDS:
+        raise ReplicaError(f"replicas backend {backend!r} is not one of {BACKENDS}")
+    if _state["backend"] is not None:
+        return _state["backend"]
+    if backend == "none" or (backend == "auto" and not launched_by_horovod()):
+        _state["backend"] = "none"
+        return "none"
+    hvd = _import_horovod()
+    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS",
+                          str(stall_check_seconds or STALL_CHECK_SECONDS))
+    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
+                          str(stall_shutdown_seconds or STALL_SHUTDOWN_SECONDS))
+    hvd.init()
+    _state.update(backend="horovod", hvd=hvd)
+    return "horovod"
+
+
+def backend() -> str:
+    """The backend in use (starting ``"auto"`` if :func:`init` was not called)."""
+    return init()
+
+
+def _hvd() -> Any:
+    init()
+    return _state["hvd"]
+
+
+def rank() -> int:
+    """This replica's index, 0 .. size()-1."""
+    hvd = _hvd()
+    return int(hvd.rank()) if hvd else 0
+
+
+def size() -> int:
+    """How many pipeline replicas train together."""
+    hvd = _hvd()
+    return int(hvd.size()) if hvd else 1
+
+
+def local_rank() -> int:
+    """This replica's index among the replicas of its host."""
+    hvd = _hvd()
+    return int(hvd.local_rank()) if hvd else 0
+
+
+def is_chief() -> bool:
+    """Whether this replica writes checkpoints, logs and metrics (rank 0)."""
+    return rank() == 0
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def allreduce_gradients(grads: Sequence[tf.Tensor], variables: Sequence[Any]) -> list[tf.Tensor]:
+    """Averages the accumulated gradients over all replicas.
+
+    One grouped all-reduce per stage device, issued on that device, so each
+    stage's gradients are reduced where they live. With one replica it returns
+    the gradients unchanged.
+
+    Args:
+        grads: accumulated float32 gradients, one per variable.
+        variables: the matching variables (their device picks the group).
+
+    Returns:
+        The averaged gradients, in the same order.
+    """
+    hvd = _hvd()
+    if hvd is None or hvd.size() == 1:
+        return list(grads)
+    groups: dict[str, list[int]] = {}
+    for i, g in enumerate(grads):
+        groups.setdefault(g.device or "", []).append(i)
+    out: list[tf.Tensor | None] = [None] * len(grads)
+    for k, (device, idx) in enumerate(sorted(groups.items())):
+        with tf.device(device or None):
+            reduced = hvd.grouped_allreduce([grads[i] for i in idx], op=hvd.Average,
+                                            name=f"pipeline_grads_{k}")
+        for i, r in zip(idx, reduced):
+            out[i] = r
+    return out  # type: ignore[return-value]
+
+
+def reducer() -> Any:
+    """The ``gradient_reducer`` for :class:`pipeline.PipelineModel`, or ``None`` for one replica.
+
+    Example::
+
+        replicas.init()
+        model = PipelineModel(stages, gradient_reducer=replicas.reducer())
+    """
+    return allreduce_gradients if size() > 1 else None
+
+
+# --------------------------------------------------------------------------- state
+
+
+def state_variables(model: keras.Model) -> list[Any]:
+    """Every variable a replica must share: model weights (trainable or not) and optimizer state."""
+    variables = list(model.variables)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        variables += list(optimizer.variables)
+    return variables
+
+
+def broadcast_state(model: keras.Model, root: int = 0) -> None:
+    """Copies rank ``root``'s weights and optimizer state to every replica.
+
+    Keras 3 variables are broadcast by value and assigned (Horovod's
+    ``broadcast_variables`` expects TF variables). Call after building and
+    compiling the model (and after restoring a checkpoint), before training.
+    """
+    hvd = _hvd()
+    if hvd is None or hvd.size() == 1:
+        return
+    for i, variable in enumerate(state_variables(model)):
+        value = variable.value if hasattr(variable, "value") else variable
+        with tf.device(value.device or None):
+            shared = hvd.broadcast(tf.convert_to_tensor(value), root_rank=root, name=f"pipeline_state_{i}")
+        variable.assign(shared)
+
+
+def agree(flag: bool) -> bool:
+    """True on every replica when ``flag`` is true on any (e.g. "stop now")."""
+    hvd = _hvd()
+    if hvd is None or hvd.size() == 1:
+        return bool(flag)
+    total = hvd.allreduce(tf.constant([1 if flag else 0], tf.int32), op=hvd.Sum, name="pipeline_agree")
+    return bool(int(total.numpy()[0]) > 0)
+
+
+def barrier() -> None:
+    """Waits until every replica reaches this point."""
+    hvd = _hvd()
+    if hvd is not None and hvd.size() > 1:
+        hvd.allreduce(tf.constant([0], tf.int32), op=hvd.Sum, name="pipeline_barrier")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def shard(data: Any, index: int | None = None, count: int | None = None) -> Any:
+    """This replica's share of the data.
+
+    A ``tf.data.Dataset`` is sharded element-wise (``dataset.shard(count, index)``)
+    before batching, so replica r of R sees elements r, r+R, ...: batching each
+    shard with batch size B gives, step by step, the same global batches of R*B
+    elements as one process batching the whole dataset by R*B. Arrays (or nests
+    of arrays) take every R-th row.
+
+    Args:
+        data: an unbatched ``tf.data.Dataset``, or an array / nest of arrays.
+        index: shard index (default: :func:`rank`).
+        count: number of shards (default: :func:`size`).
+    """
+    index = rank() if index is None else index
+    count = size() if count is None else count
+    if count == 1:
+        return data
+    if isinstance(data, tf.data.Dataset):
+        return data.shard(count, index)
+    return tf.nest.map_structure(lambda a: a[index::count], data)
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+class BroadcastState(keras.callbacks.Callback):
+    """Broadcasts rank 0's weights and optimizer state when training begins."""
+
+    def on_train_begin(self, logs: dict | None = None) -> None:  # noqa: D102
+        broadcast_state(self.model)
+
+
+class AgreeToStop(keras.callbacks.Callback):
+    """Makes every replica stop when any one wants to (``model.stop_training`` or a signal).
+
+    Args:
+        should_stop: optional ``() -> bool`` checked each batch (e.g. a preemption flag).
+        every: check every this many batches (one tiny all-reduce each time).
+    """
+
+    def __init__(self, should_stop: Any = None, every: int = 1):
+        super().__init__()
+        self.should_stop = should_stop
+        self.every = max(1, int(every))
+        self.stopped_by_peer = False
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:  # noqa: D102
+        if (batch + 1) % self.every:
+            return
+        local = bool(self.model.stop_training) or bool(self.should_stop and self.should_stop())
+        if agree(local):
+            self.stopped_by_peer = not local
+            self.model.stop_training = True
+
+
+def callbacks(should_stop: Any = None) -> list[keras.callbacks.Callback]:
+    """The callbacks replicas need in ``fit``: state broadcast and agreement on stopping."""
+    if size() == 1:
+        return []
+    return [BroadcastState(), AgreeToStop(should_stop)]
