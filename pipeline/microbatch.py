@@ -32,7 +32,8 @@ def check_count(num_microbatches: Any) -> int:
 def batch_size(batch: Any) -> tf.Tensor | int:
     """The leading dimension of the first tensor of a nested batch (static if known)."""
     first = next(t for t in tf.nest.flatten(batch) if t is not None)
-    static = first.shape[0] if first.shape.rank else None
+    shape = tf.TensorShape(first.shape)
+    static = shape[0] if shape.rank else None
     return int(static) if static is not None else tf.shape(first)[0]
 
 
