@@ -260,8 +260,35 @@ class AgreeToStop(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class AverageMetrics(keras.callbacks.Callback):
+    """Averages the epoch's logged metrics over replicas, so rank 0 logs global figures.
+
+    Keras metrics are per replica; with equal per-replica batches the average of
+    the replicas' means is the mean over the global batch. Updates ``logs`` in
+    place, so callbacks after it (History, CSV/metrics writers) see the averages.
+    """
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:  # noqa: D102
+        if logs:
+            logs.update(average_logs(logs))
+
+
+def average_logs(logs: dict) -> dict:
+    """``logs`` with every numeric value averaged over the replicas (one all-reduce)."""
+    hvd = _hvd()
+    keys = sorted(k for k, v in logs.items() if isinstance(v, (int, float)) or hasattr(v, "__float__"))
+    if hvd is None or hvd.size() == 1 or not keys:
+        return dict(logs)
+    values = tf.constant([float(logs[k]) for k in keys], tf.float64)
+    averaged = hvd.allreduce(values, op=hvd.Average, name="pipeline_logs").numpy()
+    return {**logs, **{k: float(v) for k, v in zip(keys, averaged)}}
+
+
 def callbacks(should_stop: Any = None) -> list[keras.callbacks.Callback]:
-    """The callbacks replicas need in ``fit``: state broadcast and agreement on stopping."""
+    """The callbacks replicas need in ``fit``: state broadcast, agreement on stopping, metric averages.
+
+    Put them first in the callback list, so writers that follow see averaged logs.
+    """
     if size() == 1:
         return []
-    return [BroadcastState(), AgreeToStop(should_stop)]
+    return [BroadcastState(), AgreeToStop(should_stop), AverageMetrics()]
