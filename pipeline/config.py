@@ -179,7 +179,8 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return " or ".join(_type_name(a) if a is not type(None) else "null" for a in typing.get_args(tp))
     if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+        inner = _type_name(typing.get_args(tp)[0]).removeprefix("an ").removeprefix("a ")
+        return f"a list of {inner}s"
     if origin in (Mapping, dict, collections.abc.Mapping) or tp in (Mapping, dict):
         return "a mapping"
     return names.get(tp, getattr(tp, "__name__", str(tp)))
@@ -252,7 +253,7 @@ def _keys(cls: type) -> str:
 
 def _choice(path: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        raise _fail(path, value, f"allowed: {', '.join(allowed)}")
+        raise _fail(path, value, f"allowed: {', '.join(map(str, allowed))}")
 
 
 def _positive(path: str, value: Any, minimum: int = 1) -> None:
@@ -365,6 +366,7 @@ def validate(cfg: Config) -> Config:
     _positive("seed", cfg.seed, 0)
     _check_split(cfg)
     _check_model(cfg)
+    _check_data(cfg)
     _check_pipeline(cfg)
     _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     if cfg.optimizer.learning_rate <= 0:
@@ -372,7 +374,6 @@ def validate(cfg: Config) -> Config:
     _choice("loss", cfg.loss, LOSSES)
     for i, metric in enumerate(cfg.metrics):
         _choice(f"metrics[{i}]", metric, METRICS)
-    _check_data(cfg)
     _positive("train.epochs", cfg.train.epochs)
     _positive("train.steps_per_epoch", cfg.train.steps_per_epoch)
     _choice("train.verbose", cfg.train.verbose, (0, 1, 2))

@@ -151,8 +151,8 @@ def test_override_without_equals():
 
 
 def test_override_into_scalar():
-    with pytest.raises(ConfigError, match=r"loss: got 'sparse_categorical_crossentropy'; is not a mapping"):
-        from_dict(base(), ["loss.x=1"])
+    with pytest.raises(ConfigError, match=r"model\.name: got 'digits_cnn'; is not a mapping, cannot set model\.name\.x"):
+        from_dict(base(), ["model.name.x=1"])
 
 
 def test_missing_file():
