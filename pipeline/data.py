@@ -159,8 +159,20 @@ def load_tfds(name: str, image_size: tuple[int, int], data_dir: str | None = Non
         return image, tf.cast(y, tf.int32)
 
     return Data(train.map(prep, num_parallel_calls=AUTOTUNE), test.map(prep, num_parallel_calls=AUTOTUNE),
-                info.splits[train_split].num_examples, info.splits[test_split].num_examples,
+                _count(info, train_split, train), _count(info, test_split, test),
                 (*image_size, 3), int(num_classes), list(getattr(label, "names", [])))
+
+
+def _count(info, split: str, ds: tf.data.Dataset) -> int:
+    """Examples in a TFDS split: from its metadata, else the dataset's cardinality, else by counting."""
+    try:
+        return int(info.splits[split].num_examples)
+    except (KeyError, ValueError):
+        pass
+    card = int(ds.cardinality())
+    if card >= 0:
+        return card
+    return int(ds.reduce(0, lambda n, _: n + 1))
 
 
 def load(cfg: DataConfig, seed: int = 0) -> Data:
