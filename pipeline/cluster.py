@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import re
 import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import tensorflow as tf
 
@@ -242,6 +244,25 @@ def _call_with_deadline(fn: Callable[[], Any], timeout: float) -> tuple[bool, An
     return True, box.get("error", box.get("result"))
 
 
+def wait_for_tasks(spec: tf.train.ClusterSpec, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Waits until every task's port accepts connections (workers may still be starting).
+
+    Raises:
+        ClusterError: naming the first task whose port stayed closed for ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    for job in [j for j in spec.jobs if j != "localhost"]:
+        for task, address in enumerate(spec.job_tasks(job)):
+            while not _reachable(address, 1.0):
+                if time.monotonic() >= deadline:
+                    raise ClusterError(
+                        f"task /job:{job}/task:{task} at {address} did not accept connections within "
+                        f"{timeout:g} s; start `pipeline worker --cluster ... --task {task}` there "
+                        "(and check the host and port)"
+                    )
+                time.sleep(0.2)
+
+
 def probe(spec: tf.train.ClusterSpec, timeout: float = DEFAULT_TIMEOUT, jobs: list[str] | None = None) -> None:
     """Runs a tiny op on every task; fails naming the first task that does not answer in time.
 
@@ -291,6 +312,7 @@ def connect(cluster: str | Resolver | Mapping[str, Any] | None = None, job: str 
     resolver = resolver_from(cluster, job)
     spec = resolver.cluster_spec()
     check_addresses(spec, allow_wildcard)
+    wait_for_tasks(spec, timeout)
     set_grpc_options(timeout)
     tf.config.experimental.set_synchronous_execution(True)  # errors surface at the failing op
     tf.config.experimental_connect_to_cluster(spec, job_name="localhost", protocol="grpc")
@@ -298,6 +320,42 @@ def connect(cluster: str | Resolver | Mapping[str, Any] | None = None, job: str 
     if watchdog:
         Watchdog(spec, timeout).start()
     return spec
+
+
+_TASK_RE = re.compile(r"/job:([\w-]+)/replica:\d+/task:(\d+)")
+_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+                tf.errors.CancelledError, tf.errors.InternalError, tf.errors.NotFoundError)
+
+
+@contextlib.contextmanager
+def guard(spec: tf.train.ClusterSpec) -> Iterator[None]:
+    """Turns TF errors caused by a lost task into a :class:`ClusterError` that names it.
+
+    Example::
+
+        with cluster.guard(spec):
+            model.fit(...)
+
+    Raises:
+        ClusterError: ``task /job:worker/task:1 at 127.0.0.1:2223 failed: ...``.
+    """
+    try:
+        yield
+    except _PEER_ERRORS as err:
+        text = str(err)
+        found = [m for m in _TASK_RE.finditer(text) if m.group(1) != "localhost"]
+        if not found and not isinstance(err, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)):
+            raise
+        where = "a cluster task"
+        if found:
+            job, task = found[0].group(1), int(found[0].group(2))
+            tasks = spec.job_tasks(job) if job in spec.jobs else []
+            address = f" at {tasks[task]}" if task < len(tasks) else ""
+            where = f"task /job:{job}/task:{task}{address}"
+        first = next((line.strip() for line in text.splitlines() if "UNAVAILABLE" in line or "rror" in line),
+                     text.splitlines()[0] if text else type(err).__name__)
+        raise ClusterError(f"{where} failed or stopped answering ({type(err).__name__}: {first}); "
+                           "check that its `pipeline worker` is alive") from err
 
 
 class Watchdog(threading.Thread):

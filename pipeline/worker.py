@@ -1,0 +1,74 @@
+"""``pipeline worker``: serve one task of a TensorFlow cluster so a trainer can place stages on it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+
+def serve(cluster: Any, task: int | None = None, job: str = "worker", allow_wildcard: bool = False,
+          cpu_devices: int | None = None, join: bool = True) -> Any:
+    """Starts the task's ``tf.distribute.Server`` and (by default) serves until killed.
+
+    Importable and picklable, so tests can start workers with ``multiprocessing``
+    in spawn mode.
+
+    Args:
+        cluster: host list ``"h0:p0,h1:p1"``, ``"tf_config"``, ``"slurm"`` or a dict spec.
+        task: this task's index in ``job`` (default: from TF_CONFIG / SLURM_PROCID).
+        job: the job name.
+        allow_wildcard: accept a wildcard address for this task.
+        cpu_devices: split the CPU into this many logical devices first (CPU stages).
+        join: block serving forever; otherwise return the server.
+
+    Returns:
+        The server (only when ``join`` is false).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pipeline import cluster as cluster_lib  # noqa: PLC0415 - TF starts here, after env setup
+    from pipeline import devices  # noqa: PLC0415
+
+    if cpu_devices:
+        devices.setup_cpu_devices(cpu_devices)
+    server = cluster_lib.start_server(cluster, task, job, allow_wildcard)
+    spec = cluster_lib.resolver_from(cluster, job).cluster_spec()
+    index = task if task is not None else server.server_def.task_index
+    print(f"pipeline worker: serving /job:{job}/task:{index} at {spec.task_address(job, index)} "
+          "(no authentication: keep this port on a private network)", file=sys.stderr, flush=True)
+    if not join:
+        return server
+    server.join()
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.cluster import ClusterError  # noqa: PLC0415
+
+    try:
+        serve(args.cluster, args.task, args.job, args.allow_wildcard, args.cpu_devices)
+    except ClusterError as err:
+        print(f"pipeline worker: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Adds ``pipeline worker`` to the CLI."""
+    parser = subparsers.add_parser(
+        "worker", help="serve one task of a TensorFlow cluster (stages on other hosts)",
+        description="Start a tf.distribute.Server for one task; a trainer connected to the same "
+                    "cluster places stages on its devices (/job:worker/task:N/device:...). "
+                    "The gRPC server has no authentication: use it on a private network only.",
+    )
+    parser.add_argument("--cluster", required=True,
+                        help="host0:port,host1:port,... (task i is entry i), 'tf_config' or 'slurm'")
+    parser.add_argument("--task", type=int, default=None,
+                        help="this task's index (default: TF_CONFIG's task, or SLURM_PROCID)")
+    parser.add_argument("--job", default="worker", help="job name (default: worker)")
+    parser.add_argument("--cpu-devices", type=int, default=None,
+                        help="split this host's CPU into N logical devices (CPU-only stages)")
+    parser.add_argument("--allow-wildcard", action="store_true",
+                        help="accept a wildcard address (0.0.0.0) for this task; unsafe, no auth")
+    parser.set_defaults(func=_run)
