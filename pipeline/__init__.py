@@ -9,10 +9,12 @@ from pipeline import devices as _devices  # noqa: E402
 _devices._setup_from_env()  # PIPELINE_CPU_DEVICES=K: create K logical CPUs before TF starts
 
 from pipeline import schedule as schedules  # noqa: E402
+from pipeline import simulate  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 from pipeline.model import PipelineModel  # noqa: E402
 from pipeline.partition import split  # noqa: E402
 from pipeline.stage import Stage  # noqa: E402
 from pipeline.verify import verify  # noqa: E402
 
-__all__ = ["PipelineModel", "Stage", "schedules", "split", "verify"]
+__all__ = ["PipelineModel", "Stage", "load_config", "schedules", "simulate", "split", "verify"]
 __version__ = "0.1.0"

@@ -55,19 +55,28 @@ class PipelineModel(keras.Model):
         gradient_reducer: optional ``reducer(grads, variables) -> grads`` applied to
             the accumulated gradients before the optimizer step (data-parallel
             replicas all-reduce here, see :mod:`pipeline.replicas`).
+        recompute: ``True`` (every stage), or one bool per stage: recompute the
+            stage's activations in backward instead of keeping them
+            (:mod:`pipeline.recompute`); saves memory, costs one extra forward.
         **kwargs: passed to ``keras.Model`` (e.g. ``name``).
     """
 
     def __init__(self, stages: Sequence[keras.layers.Layer], devices: Sequence[str] | str | None = None,
                  microbatches: int = 1, schedule: str | Callable = "1f1b",
-                 gradient_reducer: GradientReducer | None = None, **kwargs: Any):
+                 gradient_reducer: GradientReducer | None = None,
+                 recompute: bool | Sequence[bool] = False, **kwargs: Any):
         layers = _check_layers(stages)
         mb_lib.check_count(microbatches)
         super().__init__(**kwargs)
         device_names = devices_lib.resolve(len(layers), devices)
         self.stage_layers = layers
+        flags = [recompute] * len(layers) if isinstance(recompute, bool) else list(recompute)
+        if len(flags) != len(layers):
+            raise SettingError(f"recompute lists {len(flags)} flag(s) for {len(layers)} stage(s); "
+                               "give True/False, or one bool per stage")
         self._pipeline_stages = [
-            Stage(layer, device, i, len(layers)) for i, (layer, device) in enumerate(zip(layers, device_names))
+            Stage(layer, device, i, len(layers), recompute=flag)
+            for i, (layer, device, flag) in enumerate(zip(layers, device_names, flags))
         ]
         self.executor = Executor(self._pipeline_stages, schedule, microbatches)
         self.gradient_reducer = gradient_reducer
@@ -115,6 +124,12 @@ class PipelineModel(keras.Model):
         """
         if not all(stage.layer.built for stage in self._pipeline_stages):
             self.build(tf.nest.map_structure(lambda t: tuple(t.shape), x))
+        if training and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            raise SettingError(
+                "optimizer: LossScaleOptimizer (mixed_float16 loss scaling) is not supported by "
+                "PipelineModel yet; train in float32 or with the 'mixed_bfloat16' policy, which needs "
+                "no loss scaling"
+            )
         if training and self.optimizer is not None and not self.optimizer.built:
             with tf.init_scope():
                 self.optimizer.build(self.trainable_variables)
