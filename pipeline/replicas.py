@@ -40,12 +40,12 @@ def _import_horovod() -> Any:
     return hvd
 
 
-def init(backend: str = "auto", stall_check_seconds: int | None = None,
+def init(backend: str | None = None, stall_check_seconds: int | None = None,
          stall_shutdown_seconds: int | None = None) -> str:
     """Chooses and starts the replica backend (idempotent).
 
     Args:
-        backend: ``"auto"`` (Horovod when started by ``horovodrun``/``mpirun``,
+        backend: default ``$PIPELINE_REPLICAS`` or ``"auto"``. ``"auto"`` (Horovod when started by ``horovodrun``/``mpirun``,
             else ``"none"``), ``"horovod"`` (required; fails if not importable),
             or ``"none"`` (a single replica).
         stall_check_seconds: Horovod stall warning after this many seconds
@@ -60,6 +60,7 @@ def init(backend: str = "auto", stall_check_seconds: int | None = None,
     Raises:
         ReplicaError: an unknown backend, or Horovod asked for but not importable.
     """
+    backend = backend or os.environ.get("PIPELINE_REPLICAS", "auto")
     if backend not in BACKENDS:
         raise ReplicaError(f"replicas backend {backend!r} is not one of {BACKENDS}")
     if _state["backend"] is not None:
@@ -240,14 +241,19 @@ class BroadcastState(keras.callbacks.Callback):
 class AgreeToStop(keras.callbacks.Callback):
     """Makes every replica stop when any one wants to (``model.stop_training`` or a signal).
 
+    Put it before callbacks that act on the stop (e.g. the checkpoint callback).
+
     Args:
         should_stop: optional ``() -> bool`` checked each batch (e.g. a preemption flag).
+        on_stop: optional ``() -> None`` called on every replica once they agree to stop
+            (e.g. mark the preemption as requested, so every rank checkpoints and exits alike).
         every: check every this many batches (one tiny all-reduce each time).
     """
 
-    def __init__(self, should_stop: Any = None, every: int = 1):
+    def __init__(self, should_stop: Any = None, on_stop: Any = None, every: int = 1):
         super().__init__()
         self.should_stop = should_stop
+        self.on_stop = on_stop
         self.every = max(1, int(every))
         self.stopped_by_peer = False
 
@@ -257,6 +263,8 @@ class AgreeToStop(keras.callbacks.Callback):
         local = bool(self.model.stop_training) or bool(self.should_stop and self.should_stop())
         if agree(local):
             self.stopped_by_peer = not local
+            if self.on_stop is not None:
+                self.on_stop()
             self.model.stop_training = True
 
 
@@ -284,11 +292,30 @@ def average_logs(logs: dict) -> dict:
     return {**logs, **{k: float(v) for k, v in zip(keys, averaged)}}
 
 
-def callbacks(should_stop: Any = None) -> list[keras.callbacks.Callback]:
+def callbacks(should_stop: Any = None, on_stop: Any = None) -> list[keras.callbacks.Callback]:
     """The callbacks replicas need in ``fit``: state broadcast, agreement on stopping, metric averages.
 
-    Put them first in the callback list, so writers that follow see averaged logs.
+    Put them first in the callback list, so writers and checkpointers that follow
+    see averaged logs and the agreed stop. Empty for a single replica.
     """
     if size() == 1:
         return []
-    return [BroadcastState(), AgreeToStop(should_stop), AverageMetrics()]
+    return [BroadcastState(), AgreeToStop(should_stop, on_stop), AverageMetrics()]
+
+
+class ChiefWriter:
+    """Wraps a checkpointer so only rank 0 writes; other ranks count steps but skip ``save``.
+
+    Every attribute but ``save`` is the wrapped object's (restore reads the shared
+    run folder on every rank).
+    """
+
+    def __init__(self, checkpointer: Any):
+        self._inner = checkpointer
+
+    def save(self, *args: Any, **kwargs: Any) -> str:
+        """Saves on rank 0; on other ranks a no-op returning ``""``."""
+        return self._inner.save(*args, **kwargs) if is_chief() else ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
