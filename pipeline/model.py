@@ -115,6 +115,20 @@ class PipelineModel(keras.Model):
                 x = stage.layer(x, training=training)
         return x
 
+    def compile(self, *args: Any, jit_compile: bool | str = "auto", **kwargs: Any) -> None:
+        """Keras ``compile``; XLA is off: one XLA cluster would pull every stage onto one device.
+
+        Raises:
+            SettingError: for ``jit_compile=True``.
+        """
+        if jit_compile is True:
+            raise SettingError(
+                "jit_compile=True is not supported by PipelineModel: XLA compiles the whole step "
+                "into one cluster on one device, undoing the stage placement. Leave jit_compile at "
+                "its default ('auto', which PipelineModel turns off)."
+            )
+        super().compile(*args, jit_compile=False, **kwargs)
+
     def _ensure_built(self, x: Any, training: bool) -> None:
         """Builds unbuilt stages on their devices, and the optimizer beside them, eagerly.
 

@@ -110,6 +110,14 @@ def test_compile_without_loss():
         model.fit(x, y, verbose=0)
 
 
+def test_jit_compile_true_rejected():
+    model = pipeline.PipelineModel(two_stages())
+    with pytest.raises(ValueError, match=r"jit_compile=True is not supported by PipelineModel: XLA compiles"):
+        model.compile("sgd", loss(), jit_compile=True)
+    model.compile("sgd", loss())
+    assert model.jit_compile is False
+
+
 def test_cli_prints_error_without_traceback(capsys):
     from pipeline import cli
 
