@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import tensorflow as tf
 
+from pipeline.errors import PipelineError
+
 DEFAULT_JOB = "worker"
 DEFAULT_TIMEOUT = 60.0
 """Seconds a task may stay silent before the trainer fails naming it."""
@@ -22,7 +24,12 @@ WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]", "*")
 Resolver = tf.distribute.cluster_resolver.ClusterResolver
 
 
-class ClusterError(RuntimeError):
+CLUSTER_ENV = "PIPELINE_CLUSTER"
+"""Environment variable: the cluster the trainer connects to (see :func:`connect_from_env`)."""
+TIMEOUT_ENV = "PIPELINE_CLUSTER_TIMEOUT"
+
+
+class ClusterError(PipelineError, RuntimeError):
     """The cluster is misconfigured or a task stopped answering; the message names the task."""
 
 
@@ -183,7 +190,9 @@ def start_server(cluster: str | Resolver | Mapping[str, Any] | None, task: int |
     if job not in spec.jobs:
         raise ClusterError(f"the cluster has no job {job!r}; it has {spec.jobs}")
     if task is None:
-        task = resolver.task_id if resolver.task_id is not None else 0
+        task = resolver.task_id
+    if task is None:
+        task = int(os.environ.get("SLURM_PROCID", "0"))
     tasks = spec.job_tasks(job)
     if not 0 <= task < len(tasks):
         raise ClusterError(f"--task {task} is not a task of job {job!r} (it has tasks 0..{len(tasks) - 1})")
@@ -356,6 +365,25 @@ def guard(spec: tf.train.ClusterSpec) -> Iterator[None]:
                      text.splitlines()[0] if text else type(err).__name__)
         raise ClusterError(f"{where} failed or stopped answering ({type(err).__name__}: {first}); "
                            "check that its `pipeline worker` is alive") from err
+
+
+def connect_from_env() -> tf.train.ClusterSpec | None:
+    """Connects when ``$PIPELINE_CLUSTER`` names a cluster (host list, ``tf_config`` or ``slurm``).
+
+    ``$PIPELINE_CLUSTER_TIMEOUT`` (seconds, default 60) bounds how long a task may
+    stay silent. Call before building a model whose devices name cluster tasks.
+
+    Returns:
+        The connected cluster spec, or ``None`` when the variable is not set.
+    """
+    value = os.environ.get(CLUSTER_ENV)
+    if not value:
+        return None
+    try:
+        timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    except ValueError:
+        raise ClusterError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r} must be a number of seconds") from None
+    return connect(value, timeout=timeout)
 
 
 class Watchdog(threading.Thread):

@@ -9,6 +9,8 @@ from typing import Any, Sequence
 import keras
 import tensorflow as tf
 
+from pipeline.errors import PipelineError
+
 BACKENDS = ("auto", "horovod", "none")
 STALL_CHECK_SECONDS = 60
 """Default ``HOROVOD_STALL_CHECK_TIME_SECONDS``: warn when a rank has not joined a collective for this long."""
@@ -20,7 +22,7 @@ _LAUNCHER_RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX
 _state: dict[str, Any] = {"backend": None, "hvd": None}
 
 
-class ReplicaError(RuntimeError):
+class ReplicaError(PipelineError, RuntimeError):
     """Replicas cannot be set up as asked; the message says how to fix it."""
 
 
