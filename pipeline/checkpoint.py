@@ -103,6 +103,7 @@ class Preemption:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
@@ -112,8 +113,17 @@ class Preemption:
     def install(self) -> "Preemption":
         """Installs the handlers (main thread only); returns ``self``."""
         for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no preemption handling here
+                log.warning("preemption signals not handled: train() runs outside the main thread")
         return self
+
+    def uninstall(self) -> None:
+        """Puts back the handlers that were there before :meth:`install`."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal API
         self.signum = signum

@@ -172,9 +172,18 @@ def train(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0), reducer: A
         0 when training finished, :data:`pipeline.checkpoint.PREEMPTED_EXIT_CODE` when a
         SIGTERM/SIGUSR1 stopped it after a checkpoint.
     """
-    from pipeline.checkpoint import PREEMPTED_EXIT_CODE, CheckpointCallback, Preemption, requeue_slurm_job
+    from pipeline.checkpoint import Preemption
 
     preemption = Preemption().install()  # before TensorFlow starts its work
+    try:
+        return _train(cfg, run_dir, shard, reducer, preemption)
+    finally:
+        preemption.uninstall()
+
+
+def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, preemption: Any) -> int:
+    from pipeline.checkpoint import PREEMPTED_EXIT_CODE, CheckpointCallback, requeue_slurm_job
+
     os.makedirs(run_dir, exist_ok=True)
     dump(cfg, os.path.join(run_dir, "config.yaml"))
     b = build(cfg, run_dir, shard)
