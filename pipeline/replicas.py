@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import threading
+import time
 from typing import Any, Sequence
 
 import keras
@@ -71,6 +74,8 @@ def init(backend: str | None = None, stall_check_seconds: int | None = None,
         _state["backend"] = "none"
         return "none"
     hvd = _import_horovod()
+    if not launched_by_horovod() and os.environ.get("SLURM_PROCID") is not None:
+        _slurm_gloo_rendezvous()
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS",
                           str(stall_check_seconds or STALL_CHECK_SECONDS))
     os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
@@ -78,6 +83,66 @@ def init(backend: str | None = None, stall_check_seconds: int | None = None,
     hvd.init()
     _state.update(backend="horovod", hvd=hvd)
     return "horovod"
+
+
+RENDEZVOUS_PORT = 29400
+
+
+def _slurm_gloo_rendezvous() -> None:
+    """Plain ``srun`` + Gloo: Horovod's environment from SLURM's; rank 0 serves the rendezvous.
+
+    Ranks are SLURM tasks in block order (``SLURM_PROCID``; the same number of tasks on
+    every node). Rank 0 serves Horovod's HTTP rendezvous at
+    ``$PIPELINE_RENDEZVOUS_ADDR:$PIPELINE_RENDEZVOUS_PORT`` (the first node's address,
+    default 127.0.0.1 for one node; port 29400), bound to that address only.
+    """
+    from horovod.runner.common.util.hosts import SlotInfo  # noqa: PLC0415
+    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer  # noqa: PLC0415
+
+    env = os.environ
+    rank, world = int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS", "1"))
+    nodes = int(env.get("SLURM_NNODES", "1"))
+    if world % nodes:
+        raise ReplicaError(f"srun started {world} tasks on {nodes} nodes; use the same number per node")
+    per_node = world // nodes
+    addr = env.get("PIPELINE_RENDEZVOUS_ADDR") or ("127.0.0.1" if nodes == 1 else "")
+    if not addr:
+        raise ReplicaError("srun with Gloo on several nodes: set PIPELINE_RENDEZVOUS_ADDR to the first "
+                           "node's address (slurm/replicas.sbatch does)")
+    port = int(env.get("PIPELINE_RENDEZVOUS_PORT", RENDEZVOUS_PORT))
+    plan = [SlotInfo(hostname=f"node{r // per_node}", rank=r, local_rank=r % per_node,
+                     cross_rank=r // per_node, size=world, local_size=per_node, cross_size=nodes)
+            for r in range(world)]
+    mine = plan[rank]
+    env.update({
+        "HOROVOD_GLOO_RENDEZVOUS_ADDR": addr, "HOROVOD_GLOO_RENDEZVOUS_PORT": str(port),
+        "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo", "HOROVOD_HOSTNAME": mine.hostname,
+        "HOROVOD_RANK": str(rank), "HOROVOD_SIZE": str(world), "HOROVOD_LOCAL_RANK": str(mine.local_rank),
+        "HOROVOD_LOCAL_SIZE": str(per_node), "HOROVOD_CROSS_RANK": str(mine.cross_rank),
+        "HOROVOD_CROSS_SIZE": str(nodes),
+    })
+    if addr.startswith("127."):
+        env.setdefault("HOROVOD_GLOO_IFACE", "lo")
+    if rank == 0:
+        try:
+            server = RendezvousHTTPServer((addr, port), RendezvousHandler, 0)
+        except OSError as err:
+            raise ReplicaError(f"rank 0 cannot serve the Gloo rendezvous on {addr}:{port}: {err}; "
+                               "set PIPELINE_RENDEZVOUS_ADDR/PIPELINE_RENDEZVOUS_PORT") from err
+        server.init(plan)
+        threading.Thread(target=server.serve_forever, daemon=True, name="gloo-rendezvous").start()
+        _state["rendezvous"] = server
+    else:
+        deadline = time.monotonic() + float(env.get("HOROVOD_GLOO_TIMEOUT_SECONDS", "60"))
+        while True:
+            try:
+                socket.create_connection((addr, port), timeout=1.0).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ReplicaError(f"rank {rank}: the Gloo rendezvous at {addr}:{port} (served by rank 0) "
+                                       "did not answer; is rank 0 running?") from None
+                time.sleep(0.2)
 
 
 def backend() -> str:

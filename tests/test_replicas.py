@@ -44,9 +44,11 @@ def test_two_replicas_equal_one_process_on_doubled_batch(tmp_path):
     assert run.returncode == 0, f"horovodrun failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     sums = [line.split("weights sum")[1] for line in run.stdout.splitlines() if "weights sum" in line]
     assert len(sums) == 2 and sums[0] == sums[1], f"replicas disagree: {run.stdout}"
-    got = np.load(out)
+    assert_equals_single_process(np.load(out), steps, batch)
 
-    # One process, same initial weights as rank 0, batch 2*8 of the same data in the same order.
+
+def assert_equals_single_process(got, steps: int, batch: int) -> None:
+    """One process, same initial weights as rank 0, batch 2*batch of the same data in the same order."""
     model = replica_script.build(seed=100)
     x, y = replica_script.make_data(steps * batch * 2)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(2 * batch)
@@ -55,6 +57,34 @@ def test_two_replicas_equal_one_process_on_doubled_batch(tmp_path):
         np.testing.assert_allclose(got[f"arr_{i}"], v.numpy(), rtol=1e-5, atol=1e-6,
                                    err_msg=f"variable {v.path} differs from single-process training")
     np.testing.assert_allclose(got["loss"], history.history["loss"], rtol=1e-5)
+
+
+def test_plain_srun_with_gloo_rendezvous_equals_one_process(tmp_path):
+    """Two tasks as `srun` starts them (SLURM_* variables, no horovodrun): rank 0 serves the rendezvous."""
+    _require_horovod()
+    steps, batch = 4, 8
+    out = tmp_path / "weights.npz"
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_NNODES": "1",
+               "SLURM_LOCALID": str(rank), "PIPELINE_RENDEZVOUS_PORT": str(port),
+               "PIPELINE_CPU_DEVICES": "2", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(out), "--steps", str(steps),
+                                       "--batch", str(batch)], env=env, cwd=str(HERE.parent),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=180) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, f"srun-style rank failed:\n{stdout}\n{stderr[-3000:]}"
+    assert_equals_single_process(np.load(out), steps, batch)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_single_process_backend_is_none():
