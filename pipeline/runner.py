@@ -6,6 +6,7 @@ import argparse
 import glob
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -82,6 +83,9 @@ def build(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0)) -> Built:
     from pipeline import devices as devices_lib  # TensorFlow starts here
 
     devices_arg = list(cfg.pipeline.devices) if isinstance(cfg.pipeline.devices, tuple) else cfg.pipeline.devices
+    from pipeline import cluster
+
+    cluster.connect_from_env()  # PIPELINE_CLUSTER: stages on other hosts' devices (docs/scale_out.md)
     device_names = devices_lib.resolve(cfg.split.stages, devices_arg)  # before any TF op (CPU fallback)
 
     import keras
@@ -182,13 +186,18 @@ def train(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0), reducer: A
 
 
 def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, preemption: Any) -> int:
+    from pipeline import replicas  # data-parallel replicas (Horovod), see docs/scale_out.md
     from pipeline.checkpoint import PREEMPTED_EXIT_CODE, CheckpointCallback, requeue_slurm_job
 
+    chief = replicas.is_chief()  # only rank 0 writes the config copy, logs, metrics and checkpoints
     os.makedirs(run_dir, exist_ok=True)
-    dump(cfg, os.path.join(run_dir, "config.yaml"))
+    if chief:
+        dump(cfg, os.path.join(run_dir, "config.yaml"))
     b = build(cfg, run_dir, shard)
     if reducer is not None:
         b.pipeline.gradient_reducer = reducer
+    if replicas.size() > 1:
+        b.checkpointer = replicas.ChiefWriter(b.checkpointer)
 
     import keras
 
@@ -209,9 +218,13 @@ def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, pree
           f"{spe} steps/epoch x {cfg.train.epochs} epochs", flush=True)
     ckpt_cb = CheckpointCallback(b.checkpointer, spe, start, cfg.checkpoint.every_steps,
                                  preemption) if cfg.checkpoint.enabled else None
-    callbacks = [keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), update_freq="epoch"),
-                 _metrics_callback(os.path.join(run_dir, "metrics.jsonl"), cfg.data.batch_size)]
-    if cfg.train.log_steps:
+    # Replicas first: broadcast rank 0's state, agree on stopping (a signal on any rank), average logs.
+    callbacks = replicas.callbacks(lambda: preemption.requested,
+                                   lambda: setattr(preemption, "signum", preemption.signum or signal.SIGTERM))
+    if chief:
+        callbacks += [keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), update_freq="epoch"),
+                      _metrics_callback(os.path.join(run_dir, "metrics.jsonl"), cfg.data.batch_size)]
+    if cfg.train.log_steps and chief:
         callbacks.append(_steps_callback(os.path.join(run_dir, "steps.jsonl"), start))
     if ckpt_cb is not None:
         callbacks.append(ckpt_cb)
@@ -237,6 +250,8 @@ def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, pree
     results = b.pipeline.evaluate(data_lib.eval_dataset(b.data.test, cfg.data.batch_size), verbose=0,
                                   return_dict=True)
     results = {k: float(v) for k, v in results.items() if k != "batch_loss"}
+    if not chief:
+        return 0
     with open(os.path.join(run_dir, "test_metrics.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
     b.model.save(os.path.join(run_dir, "model.keras"))
@@ -318,8 +333,12 @@ def _guard(func: Any) -> Any:
 
 def train_command(args: argparse.Namespace) -> int:
     """``pipeline train CONFIG [--set k=v ...] [--run-dir DIR]``."""
+    from pipeline import replicas
+
     cfg = load_config(args.config, args.set)
-    return train(cfg, run_dir_for(cfg, args.run_dir))
+    replicas.init()  # Horovod under horovodrun/mpirun (or PIPELINE_REPLICAS=horovod), else one replica
+    return train(cfg, run_dir_for(cfg, args.run_dir), shard=(replicas.size(), replicas.rank()),
+                 reducer=replicas.reducer())
 
 
 def register(subparsers: Any) -> None:
