@@ -398,11 +398,11 @@ class Watchdog(threading.Thread):
         spec: the cluster spec to watch (``localhost`` job excluded).
         timeout: seconds of unreachability before aborting.
         interval: seconds between checks.
-        exit_code: process exit status on abort.
+        exit_code: process exit status on abort (69, EX_UNAVAILABLE; 75 means "preempted").
     """
 
     def __init__(self, spec: tf.train.ClusterSpec, timeout: float = DEFAULT_TIMEOUT,
-                 interval: float | None = None, exit_code: int = 75):
+                 interval: float | None = None, exit_code: int = 69):
         super().__init__(daemon=True, name="pipeline-cluster-watchdog")
         self.tasks = [(job, i, addr) for job in spec.jobs if job != "localhost"
                       for i, addr in enumerate(spec.job_tasks(job))]

@@ -108,3 +108,46 @@ def test_shards_form_the_global_batches():
 def test_unknown_backend_is_rejected():
     with pytest.raises(replicas.ReplicaError, match=r"backend 'mpi' is not one of"):
         replicas.init("mpi")
+
+
+# ------------------------------------------------------------------ the runner with 2 ranks
+
+RUN_ARGS = ["--set", "train.epochs=2", "--set", "train.steps_per_epoch=6", "--set", "checkpoint.every_steps=4",
+            "--set", "train.verbose=0", "--set", "train.validate=false"]
+
+
+def train_2_ranks(run_dir, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return horovodrun(2, sys.executable, "-m", "pipeline.cli", "train", "configs/digits_cnn.yaml",
+                      "--run-dir", str(run_dir), *RUN_ARGS, *extra, env=env)
+
+
+def checkpoint_values(run_dir) -> dict:
+    path = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    assert path, f"no checkpoint in {run_dir}"
+    return {name: tf.train.load_variable(path, name) for name, _ in tf.train.list_variables(path)
+            if "OBJECT_GRAPH" not in name}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run = train_2_ranks(run_dir)
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    return run_dir
+
+
+def test_runner_with_2_ranks_writes_once_and_resumes_after_a_kill(uninterrupted, tmp_path):
+    assert (uninterrupted / "test_metrics.json").exists() and (uninterrupted / "model.keras").exists()
+    rows = (uninterrupted / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2, "only rank 0 writes the metrics file (one row per epoch)"
+
+    killed = train_2_ranks(tmp_path, env={"PIPELINE_FAULT_KILL_AFTER_STEP": "7"})
+    assert killed.returncode != 0, "the fault injection should have killed the ranks at step 7"
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-6")
+    resumed = train_2_ranks(tmp_path)
+    assert resumed.returncode == 0, f"{resumed.stdout[-3000:]}\n{resumed.stderr[-3000:]}"
+    assert "resumed from" in resumed.stdout and "at step 6" in resumed.stdout
+    want, got = checkpoint_values(uninterrupted), checkpoint_values(tmp_path)
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
