@@ -45,6 +45,8 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8, help="per-replica batch size")
+    parser.add_argument("--stop", default=None, metavar="RANK:STEP",
+                        help="rank RANK alone asks to stop after STEP steps (agreement test)")
     args = parser.parse_args()
     tf.config.experimental.enable_op_determinism()
     if replicas.init("horovod") != "horovod":
@@ -55,7 +57,19 @@ def main() -> int:
     model = build(seed=100 + r, reducer=replicas.reducer())
     x, y = make_data(args.steps * args.batch * n)
     ds = replicas.shard(tf.data.Dataset.from_tensor_slices((x, y))).batch(args.batch)
-    history = model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=replicas.callbacks())
+    steps = {"done": 0}
+    stop_rank, stop_step = (int(v) for v in args.stop.split(":")) if args.stop else (-1, -1)
+
+    class Count(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            steps["done"] += 1
+
+    def should_stop() -> bool:
+        return r == stop_rank and steps["done"] >= stop_step
+
+    history = model.fit(ds, epochs=1, verbose=0, shuffle=False,
+                        callbacks=[Count(), *replicas.callbacks(should_stop)])
+    print(f"rank {r} steps {steps['done']}", flush=True)
     if replicas.is_chief():
         np.savez(args.out, *[v.numpy() for v in model.trainable_variables],
                  loss=np.array(history.history["loss"]))

@@ -47,16 +47,24 @@ def test_two_replicas_equal_one_process_on_doubled_batch(tmp_path):
     assert_equals_single_process(np.load(out), steps, batch)
 
 
-def assert_equals_single_process(got, steps: int, batch: int) -> None:
+def assert_equals_single_process(got, steps: int, batch: int, data_steps: int | None = None) -> None:
     """One process, same initial weights as rank 0, batch 2*batch of the same data in the same order."""
     model = replica_script.build(seed=100)
-    x, y = replica_script.make_data(steps * batch * 2)
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(2 * batch)
+    x, y = replica_script.make_data((data_steps or steps) * batch * 2)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(2 * batch).take(steps)
     history = model.fit(ds, epochs=1, verbose=0, shuffle=False)
     for i, v in enumerate(model.trainable_variables):
         np.testing.assert_allclose(got[f"arr_{i}"], v.numpy(), rtol=1e-5, atol=1e-6,
                                    err_msg=f"variable {v.path} differs from single-process training")
     np.testing.assert_allclose(got["loss"], history.history["loss"], rtol=1e-5)
+
+
+def test_one_rank_asking_to_stop_stops_all_at_the_same_step(tmp_path):
+    out = tmp_path / "weights.npz"
+    run = horovodrun(2, sys.executable, str(SCRIPT), "--out", str(out), "--steps", "6", "--stop", "1:2")
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    assert "rank 0 steps 2" in run.stdout and "rank 1 steps 2" in run.stdout, run.stdout
+    assert_equals_single_process(np.load(out), steps=2, batch=8, data_steps=6)
 
 
 def test_plain_srun_with_gloo_rendezvous_equals_one_process(tmp_path):
