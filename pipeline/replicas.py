@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -110,7 +111,8 @@ def _slurm_gloo_rendezvous() -> None:
         raise ReplicaError("srun with Gloo on several nodes: set PIPELINE_RENDEZVOUS_ADDR to the first "
                            "node's address (slurm/replicas.sbatch does)")
     port = int(env.get("PIPELINE_RENDEZVOUS_PORT", RENDEZVOUS_PORT))
-    plan = [SlotInfo(hostname=f"node{r // per_node}", rank=r, local_rank=r % per_node,
+    names = _slurm_node_names(nodes)
+    plan = [SlotInfo(hostname=names[r // per_node], rank=r, local_rank=r % per_node,
                      cross_rank=r // per_node, size=world, local_size=per_node, cross_size=nodes)
             for r in range(world)]
     mine = plan[rank]
@@ -143,6 +145,22 @@ def _slurm_gloo_rendezvous() -> None:
                     raise ReplicaError(f"rank {rank}: the Gloo rendezvous at {addr}:{port} (served by rank 0) "
                                        "did not answer; is rank 0 running?") from None
                 time.sleep(0.2)
+
+
+def _slurm_node_names(nodes: int) -> list[str]:
+    """The step's node names in SLURM order (Gloo resolves them; rank r runs on node r // per_node)."""
+    own = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    if nodes == 1:
+        return [own]
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError) as err:
+        raise ReplicaError(f"cannot expand the SLURM node list {nodelist!r} with scontrol: {err}") from err
+    if len(out) != nodes:
+        raise ReplicaError(f"SLURM node list {nodelist!r} has {len(out)} nodes, SLURM_NNODES says {nodes}")
+    return out
 
 
 def backend() -> str:
