@@ -18,6 +18,8 @@ import tensorflow as tf
 from keras.src import backend as keras_backend  # compute_output_spec builds by calling
 from keras.src.backend.common import global_state
 
+from pipeline import recompute as recompute_lib
+
 LossFn = Callable[[int, Any], tf.Tensor]
 """``loss_fn(microbatch, y_pred) -> scalar``: the last stage's loss for one micro-batch."""
 
@@ -50,10 +52,14 @@ class Stage:
         device: the device its variables and ops live on, e.g. ``"/GPU:1"``.
         index: position in the pipeline, 0 for the stage that takes the input.
         num_stages: K, the pipeline length.
+        recompute: keep only the stage input per micro-batch and recompute the
+            activations in backward (:mod:`pipeline.recompute`).
     """
 
-    def __init__(self, layer: keras.layers.Layer, device: str, index: int = 0, num_stages: int = 1):
+    def __init__(self, layer: keras.layers.Layer, device: str, index: int = 0, num_stages: int = 1,
+                 recompute: bool = False):
         self.layer = layer
+        self.recompute = bool(recompute)
         self.device = device
         self.index = index
         self.num_stages = num_stages
@@ -142,7 +148,10 @@ class Stage:
             inputs = [] if self.is_first else [t for t in tf.nest.flatten(x)]
             with tf.GradientTape() as tape:
                 tape.watch(inputs)
-                y = self.layer(x, training=training)
+                if self.recompute:
+                    y = recompute_lib.call(self.layer, x, training=training)
+                else:
+                    y = self.layer(x, training=training)
                 scalars = [loss_fn(microbatch, y)] if loss_fn is not None else []
                 extra = call_losses(self.layer)
                 if extra:
