@@ -123,7 +123,7 @@ def _slurm_gloo_rendezvous() -> None:
         "HOROVOD_LOCAL_SIZE": str(per_node), "HOROVOD_CROSS_RANK": str(mine.cross_rank),
         "HOROVOD_CROSS_SIZE": str(nodes),
     })
-    if addr.startswith("127."):
+    if _is_loopback(addr):
         env.setdefault("HOROVOD_GLOO_IFACE", "lo")
     if rank == 0:
         try:
@@ -145,6 +145,14 @@ def _slurm_gloo_rendezvous() -> None:
                     raise ReplicaError(f"rank {rank}: the Gloo rendezvous at {addr}:{port} (served by rank 0) "
                                        "did not answer; is rank 0 running?") from None
                 time.sleep(0.2)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return all(info[4][0].startswith("127.") or info[4][0] == "::1"
+                   for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
+    except socket.gaierror:
+        return False
 
 
 def _slurm_node_names(nodes: int) -> list[str]:
