@@ -1,0 +1,97 @@
+"""Planner: table of schedules x M, cost parsing, stage-cost measurement, stamped real timelines, CLI."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import cli, planner
+from pipeline import schedule as sched
+from pipeline import simulate as sim
+from pipeline.stage import Stage
+
+
+def _costs(m):
+    return [sim.StageCost(1.0 / m, 2.0 / m), sim.StageCost(1.0 / m, 2.0 / m)]
+
+
+def test_plan_table_matches_simulator_and_formula():
+    rows = planner.plan_table(_costs, [1, 2, 8])
+    assert [(r["schedule"], r["microbatches"]) for r in rows] == [
+        ("gpipe", 1), ("gpipe", 2), ("gpipe", 8), ("1f1b", 1), ("1f1b", 2), ("1f1b", 8)]
+    for r in rows:
+        k, m = 2, r["microbatches"]
+        assert r["step"] == pytest.approx((m + k - 1) * 3.0 / m)
+        assert r["bubble"] == pytest.approx(sim.gpipe_bubble(k, m))
+        assert r["speedup"] == pytest.approx(r["ideal"])  # costs scale exactly with 1/M
+        assert r["deadlock"] is None
+    assert rows[2]["peak_in_flight"] == [8, 8] and rows[5]["peak_in_flight"] == [2, 1]
+    assert "1f1b       8" in planner.format_table(rows)
+
+
+def test_parse_costs():
+    assert planner.parse_costs(["0.1,0.2", "1,2,0.5"]) == [sim.StageCost(0.1, 0.2), sim.StageCost(1, 2, 0.5)]
+
+
+@pytest.mark.parametrize("bad", ["0.1", "a,b", "0.1,-2", "1,2,3,4"])
+def test_parse_costs_rejects(bad):
+    with pytest.raises(ValueError, match=r"--costs entry 0 is .*give FORWARD,BACKWARD seconds"):
+        planner.parse_costs([bad])
+
+
+def test_cli_with_costs_writes_png_and_json(tmp_path, capsys):
+    png, out = tmp_path / "g.png", tmp_path / "plan.json"
+    code = cli.main(["plan", "--costs", "0.01,0.02", "0.01,0.02", "--microbatches", "4", "--ms", "1,4",
+                     "--schedule", "gpipe", "--png", str(png), "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "gpipe, M=4: predicted step 0.1500 s, bubble 20.0%" in text
+    assert "device 1: |" in text
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    report = json.loads(out.read_text())
+    assert report["predicted"]["makespan"] == pytest.approx(0.15)
+    assert len(report["rows"]) == 4
+
+
+def test_cli_needs_config_or_costs(capsys):
+    assert cli.main(["plan"]) == 2
+    assert "give a CONFIG" in capsys.readouterr().err
+
+
+def _stages():
+    keras.utils.set_random_seed(0)
+    a = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu")])
+    b = keras.Sequential([keras.Input((16,)), keras.layers.Dense(4)])
+    stages = [Stage(a, "/CPU:0", 0, 2), Stage(b, "/CPU:1", 1, 2)]
+    for s in stages:
+        s.place()
+    return stages
+
+
+def test_measure_stage_costs_structure():
+    x = np.ones((4, 8), np.float32)
+    costs = planner.measure_stage_costs(_stages(), x, repeats=2, calls=1)
+    assert len(costs) == 2
+    assert all(c.forward > 0 and c.backward >= 0 for c in costs)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_profiled_timeline_has_every_action(schedule):
+    x = np.random.default_rng(0).normal(size=(8, 8)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(8, 4)).astype("float32")
+    elapsed, timeline, threads = planner.run_measured(_stages(), x, y, "mse", schedule, 4, steps=2)
+    rows = sched.get(schedule)(2, 4)
+    assert elapsed > 0
+    assert sorted(str(iv.action) for iv in timeline) == sorted(str(a) for row in rows for a in row)
+    assert min(iv.start for iv in timeline) == 0
+    assert all(iv.end >= iv.start for iv in timeline)
+    assert threads["threads"] and threads["overlap"] >= 0
+
+
+def test_op_names_map_to_actions():
+    assert planner._action_of("act1F0/sequential/dense/MatMul") == "1F0"
+    assert planner._action_of("gradient_tape/act1F0/sequential/dense/MatMul/MatMul_1") == "1B0"
+    assert planner._action_of("act0B3/add_2") == "0B3"
+    assert planner._action_of("gradient_tape/act2B1/x") == "2B1"
+    assert planner._action_of("sequential/dense/MatMul") is None
