@@ -51,7 +51,7 @@ install_wheel() {
   local whl="$1"
   say "installing cached wheel $whl"
   "$PY" -m pip install --quiet --no-deps --force-reinstall "$whl" || return 1
-  "$PY" -c "import horovod.tensorflow as hvd; hvd.init(); print('horovod', hvd.__version__ if hasattr(hvd, '__version__') else '', 'size', hvd.size())" >&2 || return 1
+  "$PY" -c "import horovod, horovod.tensorflow as hvd; hvd.init(); print('horovod', horovod.__version__, 'imports; size', hvd.size())" >&2 || return 1
 }
 
 mkdir -p "$CACHE_ROOT"
