@@ -120,6 +120,19 @@ def build(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0)) -> Built:
     return Built(data, model, stages, pipe, checkpointer, device_names)
 
 
+def _tensorboard(log_dir: str) -> list:
+    """Keras' TensorBoard callback, or none (with a note) when the tensorboard package is missing."""
+    import importlib.util
+
+    import keras
+
+    if importlib.util.find_spec("tensorboard") is None:
+        print("[pipeline] note: TensorBoard logs skipped (the tensorboard package is not installed: "
+              "pip install tensorboard)", flush=True)
+        return []
+    return [keras.callbacks.TensorBoard(log_dir, update_freq="epoch")]
+
+
 def _metrics_callback(path: str, batch_size: int) -> Any:
     import keras
 
@@ -222,8 +235,8 @@ def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, pree
     callbacks = replicas.callbacks(lambda: preemption.requested,
                                    lambda: setattr(preemption, "signum", preemption.signum or signal.SIGTERM))
     if chief:
-        callbacks += [keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), update_freq="epoch"),
-                      _metrics_callback(os.path.join(run_dir, "metrics.jsonl"), cfg.data.batch_size)]
+        callbacks += _tensorboard(os.path.join(run_dir, "tensorboard"))
+        callbacks.append(_metrics_callback(os.path.join(run_dir, "metrics.jsonl"), cfg.data.batch_size))
     if cfg.train.log_steps and chief:
         callbacks.append(_steps_callback(os.path.join(run_dir, "steps.jsonl"), start))
     if ckpt_cb is not None:

@@ -125,3 +125,12 @@ def test_too_many_steps_per_epoch(tmp_path, capsys):
     assert main(["train", os.path.join(ROOT, "configs", "digits_cnn.yaml"), "--run-dir", str(tmp_path),
                  "--set", "train.steps_per_epoch=999"]) == 2
     assert "train.steps_per_epoch: got 999; the data has only 44 full batches" in capsys.readouterr().err
+
+
+def test_missing_tensorboard_package_skips_logs_with_a_note(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    assert runner._tensorboard("/tmp/unused") == []
+    assert "TensorBoard logs skipped (the tensorboard package is not installed" in capsys.readouterr().out
