@@ -277,6 +277,11 @@ def _check_model(cfg: Config) -> None:
         return
     if name not in models.ZOO:
         raise _fail("model.name", name, f"allowed: {', '.join(sorted(models.ZOO))} or 'package.module:function'")
+    allowed_args = models.arguments(models.ZOO[name][0])
+    for key, value in cfg.model.args.items():
+        if key not in allowed_args:
+            raise _fail(f"model.args.{key}", value, f"not an argument of model {name!r}; it takes: "
+                        f"{', '.join(allowed_args)}")
     cut_points = models.cut_points(name, **cfg.model.args)
     for i, cut in enumerate(cfg.split.cuts):
         if cut not in cut_points:

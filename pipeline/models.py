@@ -93,6 +93,15 @@ ZOO: dict[str, tuple[Callable[..., Any], Callable[..., list[str]]]] = {
 """name -> (builder(input_shape, num_classes, **args), cut_points(**args))."""
 
 
+def arguments(func: Callable[..., Any]) -> list[str]:
+    """The keyword arguments a model function takes besides ``input_shape`` and ``num_classes``."""
+    import inspect
+
+    params = inspect.signature(func).parameters
+    return [p for p in params if p not in ("input_shape", "num_classes")
+            and params[p].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+
+
 def cut_points(name: str, **args: Any) -> list[str]:
     """The layer names a zoo model may be cut after (known without building the model)."""
     return ZOO[name][1](**args)
@@ -102,21 +111,39 @@ def resolve(name: str) -> Callable[..., Any]:
     """The model function for a zoo name or ``"package.module:function"``.
 
     Raises:
-        ValueError: the module or function cannot be found.
+        ConfigError: the module or function cannot be found.
     """
+    from pipeline.config import ConfigError
+
     if name in ZOO:
         return ZOO[name][0]
     module_name, _, func_name = name.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"model.name: {name!r}: cannot import module {module_name!r} ({err})") from None
+        raise ConfigError(f"model.name: got {name!r}; cannot import module {module_name!r} ({err})") from None
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise ValueError(f"model.name: {name!r}: module {module_name!r} has no function {func_name!r}")
+        raise ConfigError(f"model.name: got {name!r}; module {module_name!r} has no function {func_name!r}")
     return func
 
 
 def build(name: str, input_shape: Sequence[int], num_classes: int, **args: Any) -> Any:
-    """Builds a model: ``fn(input_shape=..., num_classes=..., **args)`` returning a Keras model."""
-    return resolve(name)(input_shape=tuple(input_shape), num_classes=num_classes, **args)
+    """Builds a model: ``fn(input_shape=..., num_classes=..., **args)`` returning a Keras model.
+
+    Raises:
+        ConfigError: unknown function, or it did not return a Keras model.
+    """
+    import keras
+
+    from pipeline.config import ConfigError
+
+    func = resolve(name)
+    try:
+        model = func(input_shape=tuple(input_shape), num_classes=num_classes, **args)
+    except TypeError as err:
+        raise ConfigError(f"model.args: got {dict(args)!r}; {name!r} cannot be called with them ({err}); "
+                          f"it takes input_shape, num_classes and: {', '.join(arguments(func))}") from None
+    if not isinstance(model, keras.Model):
+        raise ConfigError(f"model.name: {name!r} returned a {type(model).__name__}, not a Keras model")
+    return model

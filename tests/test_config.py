@@ -70,6 +70,8 @@ REJECTIONS = [
     ("wrong_type_list", {"metrics": "accuracy"}, r"metrics: got 'accuracy'; expected a list of strings"),
     ("section_not_mapping", {"train": 5}, r"train: got 5; expected a mapping with keys epochs"),
     ("unknown_model", {"model.name": "resnet9000"}, r"model\.name: got 'resnet9000'; allowed: digits_cnn, mlp"),
+    ("bad_model_arg", {"model.args": {"filtres": 8}},
+     r"model\.args\.filtres: got 8; not an argument of model 'digits_cnn'; it takes: filters, hidden"),
     ("bad_custom_model", {"model.name": "my model:build"}, r"model\.name: got 'my model:build'; a custom model"),
     ("cut_not_in_model", {"split.cuts": ["conv9"]},
      r"split\.cuts\[0\]: got 'conv9'; not a layer of model 'digits_cnn'; its cut points are: conv1, conv2"),
