@@ -1,0 +1,421 @@
+"""``pipeline bench``: overhead, speedup, memory, Jacobian-vs-VJP, simulator and balancing ratios from one run.
+
+Every figure is a ratio against a baseline measured in the same run; every
+point runs in its own process (threads and logical devices are fixed before
+TensorFlow starts; peak RSS is per process). This module is the only place
+with Jacobian code: the hand-written Jacobian chain rule is measured here to
+show why the trainer uses one VJP per stage instead.
+
+    bench (no TensorFlow) --spawn--> worker(point) --JSON line--> bench --> table + JSON file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from pipeline import simulate as sim
+
+FULL = {"width": 1024, "layers": 4, "batch": 512, "steps": 6, "rounds": 2,
+        "ms": [1, 2, 4, 8, 16], "mem_ms": [4, 8, 16, 32], "mem_micro": 1024, "mem_width": 128,
+        "cnn_batch": 16, "uneven_width": 1536}
+QUICK = {"width": 64, "layers": 2, "batch": 32, "steps": 2, "rounds": 1,
+         "ms": [1, 2], "mem_ms": [2, 4], "mem_micro": 4, "mem_width": 64,
+         "cnn_batch": 2, "uneven_width": 64}
+
+
+# ----------------------------------------------------------------------------- worker side (TensorFlow)
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _mlp(width: int, layers: int, name: str, in_dim: int | None = None, out_dim: int | None = None) -> Any:
+    import keras
+
+    body = [keras.layers.Dense(width, activation="relu", name=f"{name}_d{i}") for i in range(layers)]
+    if out_dim is not None:
+        body.append(keras.layers.Dense(out_dim, name=f"{name}_out"))
+    return keras.Sequential([keras.Input((in_dim or width,))] + body, name=name)
+
+
+def _time_fit(model: Any, x: Any, y: Any, batch: int, steps: int) -> float:
+    """Median seconds per step over ``steps`` one-step fits after a warm-up (tracing) fit."""
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
+        times.append(time.perf_counter() - start)
+    return float(statistics.median(times))
+
+
+def _point_step(p: dict[str, Any]) -> dict[str, Any]:
+    """One training configuration: median step time, peak RSS, optionally the simulator's prediction."""
+    import keras
+    import numpy as np
+
+    from pipeline.model import PipelineModel
+
+    keras.utils.set_random_seed(0)
+    width, layers, batch, k = p["width"], p["layers"], p["batch"], p.get("k", 2)
+    in_dim, out_dim = p.get("in_dim"), p.get("out_dim")
+    parts = [_mlp(width, layers, f"s{i}", in_dim if i == 0 else None, out_dim if i == k - 1 else None)
+             for i in range(k)]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, in_dim or width)).astype("float32")
+    y = rng.normal(size=(batch, out_dim or width)).astype("float32")
+    if p["mode"] == "keras":
+        model = keras.Sequential([keras.Input((in_dim or width,))] + [l for part in parts for l in part.layers])
+    else:
+        model = PipelineModel(parts, microbatches=p["m"], schedule=p.get("schedule", "1f1b"),
+                              recompute=p.get("recompute", False))
+    model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
+    result = {"step": _time_fit(model, x, y, batch, p["steps"])}
+    result["rss_mb"] = _peak_rss_mb()
+    if p.get("predict"):
+        from pipeline import microbatch as mb_lib
+        from pipeline import schedule as sched
+        from pipeline.planner import measure_stage_costs
+
+        costs = measure_stage_costs(model.stages, mb_lib.split(x, p["m"])[0], repeats=4)
+        predicted = sim.simulate(sched.get(p.get("schedule", "1f1b"))(k, p["m"]), costs)
+        result["predicted"] = predicted.makespan
+        result["costs"] = [[c.forward, c.backward] for c in costs]
+    return result
+
+
+def _overhead(p: dict[str, Any]) -> dict[str, Any]:
+    """PipelineModel(K=1, M=1) vs keras fit of the same model on the same data, alternating."""
+    import keras
+    import numpy as np
+
+    from pipeline.model import PipelineModel
+
+    width, layers, batch = p["width"], p["layers"], p["batch"]
+    rng = np.random.default_rng(0)
+    n = batch * 8
+    x = rng.normal(size=(n, width)).astype("float32")
+    y = rng.normal(size=(n, width)).astype("float32")
+    keras.utils.set_random_seed(0)
+    plain = _mlp(width, 2 * layers, "plain")
+    keras.utils.set_random_seed(0)
+    piped = PipelineModel([_mlp(width, 2 * layers, "piped")], microbatches=1)
+    models = {"keras": plain, "pipeline": piped}
+    for model in models.values():
+        model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
+    times: dict[str, list[float]] = {"keras": [], "pipeline": []}
+    for _ in range(max(2, p["steps"])):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
+            times[name].append((time.perf_counter() - start) / 8)
+    return {name: float(statistics.median(v)) for name, v in times.items()}
+
+
+def _cnn_parts(batch: int) -> tuple[Any, Any, Any, Any]:
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    part0 = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(8, 3, activation="relu"),
+                              keras.layers.Conv2D(8, 3, activation="relu")], name="part0")
+    part1 = keras.Sequential([keras.Input((12, 12, 8)), keras.layers.Flatten(), keras.layers.Dense(10)],
+                             name="part1")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, 16, 16, 3)).astype("float32")
+    y = rng.integers(0, 10, size=batch).astype("int32")
+    return part0, part1, x, y
+
+
+def _jacobian(p: dict[str, Any]) -> dict[str, Any]:
+    """Gradients of a two-part CNN three ways: one tape, VJP chain, hand-written Jacobian chain rule."""
+    import keras
+    import tensorflow as tf
+
+    part0, part1, x, y = _cnn_parts(p["cnn_batch"])
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    variables = part0.trainable_variables + part1.trainable_variables
+
+    def one_tape():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, part1(part0(x)))
+        return tape.gradient(loss, variables)
+
+    def vjp_chain():
+        with tf.GradientTape() as tape0:
+            h = part0(x)
+        with tf.GradientTape() as tape1:
+            tape1.watch(h)
+            loss = loss_fn(y, part1(h))
+        g_h, *g1 = tape1.gradient(loss, [h] + part1.trainable_variables)
+        g0 = tape0.gradient(h, part0.trainable_variables, output_gradients=g_h)
+        return g0 + g1
+
+    def jacobian_chain():
+        with tf.GradientTape(persistent=True) as tape0:
+            h = part0(x)
+        with tf.GradientTape() as tape1:
+            tape1.watch(h)
+            loss = loss_fn(y, part1(h))
+        g_h, *g1 = tape1.gradient(loss, [h] + part1.trainable_variables)
+        g0 = []
+        for v in part0.trainable_variables:
+            jac = tape0.jacobian(h, v)  # shape h.shape + v.shape: one backward per element of h
+            g0.append(tf.tensordot(g_h, jac, axes=len(h.shape)))
+        del tape0
+        return g0 + g1
+
+    fn = {"tape": one_tape, "vjp": vjp_chain, "jacobian": jacobian_chain}[p["method"]]
+    reference = [g.numpy() for g in one_tape()]
+    base_rss = _peak_rss_mb()
+    start = time.perf_counter()
+    grads = fn()
+    elapsed = time.perf_counter() - start
+    error = max(float(abs(g.numpy() - r).max()) for g, r in zip(grads, reference))
+    return {"time": elapsed, "rss_mb": _peak_rss_mb(), "rss_before_mb": base_rss, "max_error": error}
+
+
+def _uneven_layers(width: int) -> list[tuple[int, int]]:
+    """(units, repeat) of an uneven model: two wide layers first, then many narrow ones."""
+    return [(width, 2), (width // 8, 10)]
+
+
+def _balance_point(p: dict[str, Any]) -> dict[str, Any]:
+    """Step time of an uneven model cut into 2 stages by equal layer count or by profiled time."""
+    import keras
+    import numpy as np
+
+    from pipeline import balance
+    from pipeline.model import PipelineModel
+    from pipeline.partition import split
+
+    keras.utils.set_random_seed(0)
+    width = p["uneven_width"]
+    layers = [keras.layers.Dense(units, activation="relu", name=f"l{i}_{j}")
+              for i, (units, repeat) in enumerate(_uneven_layers(width)) for j in range(repeat)]
+    model = keras.Sequential([keras.Input((width,))] + layers + [keras.layers.Dense(16, name="out")])
+    batch = p["batch"]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, width)).astype("float32")
+    y = rng.normal(size=(batch, 16)).astype("float32")
+    if p["split"] == "time":
+        stages = split(model, num_stages=2, balance="time", sample_input=x[: batch // p["m"]])
+    else:
+        names = [layer.name for layer in model.layers]
+        cut = balance.equal_count_points(len(names), 2)[0]
+        stages = split(model, cuts=[names[cut - 1]])
+    pipe = PipelineModel(stages, microbatches=p["m"])
+    pipe.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
+    return {"step": _time_fit(pipe, x, y, batch, p["steps"]), "stage_layers": [len(s.layers) for s in stages]}
+
+
+POINTS = {"step": _point_step, "overhead": _overhead, "jacobian": _jacobian, "balance": _balance_point}
+
+
+def worker(spec: str) -> None:
+    """Runs one point in this (fresh) process and prints its result as one JSON line."""
+    p = json.loads(spec)
+    intra, inter = p.get("threads", [0, 0])
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
+    from pipeline import devices
+
+    devices.setup_cpu_devices(p.get("devices", 2))
+    result = POINTS[p["kind"]](p)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- driver side (no TensorFlow)
+
+def run_point(point: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
+    """Runs ``point`` in a fresh Python process and returns its result dictionary.
+
+    Raises:
+        RuntimeError: with the worker's last output lines if it failed.
+    """
+    intra, inter = point.get("threads", [0, 0])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_NUM_INTRAOP_THREADS=str(intra),
+               TF_NUM_INTEROP_THREADS=str(inter))
+    env.pop("PIPELINE_CPU_DEVICES", None)  # the worker creates its devices after setting threads
+    proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "--worker", json.dumps(point)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+    raise RuntimeError(f"bench point {point} failed (exit {proc.returncode}):\n{tail}")
+
+
+def _best(point: dict[str, Any], rounds: int, key: str = "step") -> dict[str, Any]:
+    """The run with the smallest ``key`` over ``rounds`` processes (the least disturbed by other load)."""
+    runs = [run_point(point) for _ in range(max(1, rounds))]
+    return min(runs, key=lambda r: r[key])
+
+
+SECTIONS = ("overhead", "speedup", "memory", "jacobian", "balance")
+
+
+def run(cfg: dict[str, Any], log: Any = print, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    """Runs every section of the benchmark.
+
+    Args:
+        cfg: sizes (``FULL`` or ``QUICK``).
+        log: where progress lines go.
+        sections: which parts to run (default: all of ``SECTIONS``).
+
+    Returns:
+        The results, JSON-serializable.
+    """
+    base = {"kind": "step", "width": cfg["width"], "layers": cfg["layers"], "batch": cfg["batch"],
+            "steps": cfg["steps"]}
+    out: dict[str, Any] = {"config": cfg}
+
+    if "overhead" in sections:
+        _section_overhead(cfg, base, out, log)
+    if "speedup" in sections:
+        _section_speedup(cfg, base, out, log)
+    if "memory" in sections:
+        _section_memory(cfg, out, log)
+    if "jacobian" in sections:
+        _section_jacobian(cfg, out, log)
+    if "balance" in sections:
+        _section_balance(cfg, out, log)
+    return out
+
+
+def _section_overhead(cfg: dict[str, Any], base: dict[str, Any], out: dict[str, Any], log: Any) -> None:
+    log("overhead: PipelineModel(K=1, M=1) vs keras fit ...")
+    o = run_point({**base, "kind": "overhead", "threads": [0, 0], "devices": 1})
+    out["overhead"] = {**o, "ratio": o["pipeline"] / o["keras"]}
+    log(f"  keras {o['keras']:.4f} s/step, pipeline {o['pipeline']:.4f} s/step, ratio {out['overhead']['ratio']:.3f}")
+
+
+def _section_speedup(cfg: dict[str, Any], base: dict[str, Any], out: dict[str, Any], log: Any) -> None:
+    log("speedup: K=2 (1 intra-op thread, 2 inter-op threads) vs unsplit on 1 thread ...")
+    rounds = cfg["rounds"]
+    single = _best({**base, "mode": "keras", "k": 2, "threads": [1, 1]}, rounds)
+    both = _best({**base, "mode": "keras", "k": 2, "threads": [2, 1]}, rounds)
+    inter = _best({**base, "mode": "keras", "k": 2, "threads": [1, 2]}, rounds)
+    rows = []
+    for m in cfg["ms"]:
+        r = _best({**base, "mode": "pipeline", "k": 2, "m": m, "threads": [1, 2], "predict": m == 8}, rounds)
+        speedup = single["step"] / r["step"]
+        ideal = sim.ideal_speedup(2, m)
+        rows.append({"m": m, "step": r["step"], "speedup": speedup, "ideal": ideal, "of_ideal": speedup / ideal,
+                     **({"predicted": r["predicted"], "costs": r["costs"]} if "predicted" in r else {})})
+        log(f"  M={m:<3} step {r['step']:.4f} s  speedup {speedup:.2f}  ideal {ideal:.2f}  ({speedup / ideal:.0%} of ideal)")
+    out["speedup"] = {"single_thread_step": single["step"], "two_intra_threads_step": both["step"],
+                      "two_intra_threads_speedup": single["step"] / both["step"],
+                      "two_inter_threads_step": inter["step"],
+                      "two_inter_threads_speedup": single["step"] / inter["step"], "rows": rows}
+    log(f"  unsplit on 1 thread {single['step']:.4f} s; unsplit with 2 intra-op threads {both['step']:.4f} s "
+        f"(speedup {single['step'] / both['step']:.2f}, reference line); unsplit with 1 intra-op and 2 "
+        f"inter-op threads {inter['step']:.4f} s (speedup {single['step'] / inter['step']:.2f}: independent ops "
+        "inside one step, e.g. the two matmuls of a Dense backward)")
+    for row in rows:
+        if "predicted" in row:
+            out["simulator"] = {"m": row["m"], "predicted": row["predicted"], "measured": row["step"],
+                                "ratio": row["predicted"] / row["step"]}
+            log(f"simulator: K=2 M={row['m']} predicted {row['predicted']:.4f} s, measured {row['step']:.4f} s, "
+                f"predicted/measured {row['predicted'] / row['step']:.2f}")
+
+
+def _section_memory(cfg: dict[str, Any], out: dict[str, Any], log: Any) -> None:
+    log("memory: peak RSS per process, fixed micro-batch, K=2 ...")
+    mem = []
+    for schedule in ("gpipe", "1f1b"):
+        for recompute in (False, True):
+            for m in cfg["mem_ms"]:
+                point = {"kind": "step", "mode": "pipeline", "k": 2, "m": m, "schedule": schedule,
+                         "recompute": recompute, "width": cfg["mem_width"], "layers": cfg["layers"] * 2,
+                         "batch": cfg["mem_micro"] * m, "in_dim": 32, "out_dim": 8, "steps": 1,
+                         "threads": [1, 2]}
+                r = run_point(point)
+                mem.append({"schedule": schedule, "recompute": recompute, "m": m, "rss_mb": r["rss_mb"],
+                            "step": r["step"]})
+                log(f"  {schedule:<5} recompute={str(recompute):<5} M={m:<3} peak RSS {r['rss_mb']:.0f} MB, "
+                    f"step {r['step']:.3f} s")
+    out["memory"] = {"rows": mem, "growth": _growth(mem, cfg["mem_ms"])}
+    for key, g in out["memory"]["growth"].items():
+        log(f"  {key}: peak RSS M={cfg['mem_ms'][0]} -> M={cfg['mem_ms'][-1]}: {g:+.1%}")
+
+
+def _section_jacobian(cfg: dict[str, Any], out: dict[str, Any], log: Any) -> None:
+    log("Jacobian chain rule vs VJP on a two-part CNN ...")
+    jac = {}
+    for method in ("tape", "vjp", "jacobian"):
+        jac[method] = run_point({"kind": "jacobian", "method": method, "cnn_batch": cfg["cnn_batch"],
+                                 "threads": [0, 0], "devices": 1})
+        log(f"  {method:<8} {jac[method]['time']:.3f} s, peak RSS {jac[method]['rss_mb']:.0f} MB "
+            f"(+{jac[method]['rss_mb'] - jac[method]['rss_before_mb']:.0f} MB), "
+            f"max |grad error| {jac[method]['max_error']:.2e}")
+    out["jacobian"] = {**jac, "time_ratio": jac["jacobian"]["time"] / jac["vjp"]["time"]}
+
+
+def _section_balance(cfg: dict[str, Any], out: dict[str, Any], log: Any) -> None:
+    log("balance: time-balanced vs equal-layer split of an uneven model (K=2, M=8) ...")
+    rounds = cfg["rounds"]
+    m = 8 if cfg["batch"] >= 8 else 2
+    bal = {}
+    for kind in ("equal", "time"):
+        bal[kind] = _best({"kind": "balance", "split": kind, "uneven_width": cfg["uneven_width"], "m": m,
+                           "batch": cfg["batch"], "steps": cfg["steps"], "threads": [1, 2]}, rounds)
+        log(f"  {kind:<5} split, layers per stage {bal[kind]['stage_layers']}: step {bal[kind]['step']:.4f} s")
+    out["balance"] = {**bal, "speedup": bal["equal"]["step"] / bal["time"]["step"]}
+    log(f"  time-balanced is {out['balance']['speedup']:.2f}x the equal-layer split")
+
+
+def _growth(rows: list[dict[str, Any]], ms: list[int]) -> dict[str, float]:
+    growth = {}
+    for schedule in ("gpipe", "1f1b"):
+        for recompute in (False, True):
+            sel = {r["m"]: r["rss_mb"] for r in rows if r["schedule"] == schedule and r["recompute"] == recompute}
+            growth[f"{schedule}{' +recompute' if recompute else ''}"] = sel[ms[-1]] / sel[ms[0]] - 1
+    return growth
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """``pipeline bench [--quick] [--json PATH]``."""
+    cfg = dict(QUICK if args.quick else FULL)
+    started = time.time()
+    sections = tuple(args.sections.split(",")) if args.sections else SECTIONS
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        print(f"pipeline bench: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    results = run(cfg, sections=sections)
+    results["seconds"] = time.time() - started
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    print(f"results: {args.json} ({results['seconds']:.0f} s)")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Adds ``bench`` to the ``pipeline`` command."""
+    help_text = "measure overhead, speedup, memory, Jacobian vs VJP, simulator accuracy and balancing"
+    p = subparsers.add_parser("bench", help=help_text, description=help_text)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that every section runs")
+    p.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--json", default="bench.json", help="where to write the results (default: bench.json)")
+    p.set_defaults(func=bench_command)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        worker(sys.argv[2])
+    else:
+        from pipeline.cli import main
+
+        sys.exit(main(["bench", *sys.argv[1:]]))
