@@ -83,12 +83,22 @@ def _point_step(p: dict[str, Any]) -> dict[str, Any]:
     if p.get("predict"):
         from pipeline import microbatch as mb_lib
         from pipeline import schedule as sched
-        from pipeline.planner import measure_stage_costs
+        from pipeline.planner import contention_factor, measure_stage_costs, run_measured
 
-        costs = measure_stage_costs(model.stages, mb_lib.split(x, p["m"])[0], repeats=4)
-        predicted = sim.simulate(sched.get(p.get("schedule", "1f1b"))(k, p["m"]), costs)
-        result["predicted"] = predicted.makespan
+        micro = mb_lib.split(x, p["m"])[0]
+        costs = measure_stage_costs(model.stages, micro, repeats=4)
+        rows = sched.get(p.get("schedule", "1f1b"))(k, p["m"])
+        factor = contention_factor(model.stages, micro, repeats=4)
+        scaled = [sim.StageCost(c.forward * factor, c.backward * factor) for c in costs]
+        result["predicted"] = sim.simulate(rows, costs).makespan
+        result["predicted_contention"] = sim.simulate(rows, scaled).makespan
+        result["contention"] = factor
         result["costs"] = [[c.forward, c.backward] for c in costs]
+        _, timeline, threads = run_measured(model.stages, x, y, "mse", p.get("schedule", "1f1b"), p["m"], steps=2)
+        span = max(iv.end for iv in timeline)
+        result["profile"] = {"span": span, "overlap": threads["overlap"],
+                             "overlap_fraction": threads["overlap"] / span if span else 0.0,
+                             "busy_fraction": [b / span for b in threads["threads"].values()] if span else []}
     return result
 
 
@@ -313,7 +323,8 @@ def _section_speedup(cfg: dict[str, Any], base: dict[str, Any], out: dict[str, A
         speedup = single["step"] / r["step"]
         ideal = sim.ideal_speedup(2, m)
         rows.append({"m": m, "step": r["step"], "speedup": speedup, "ideal": ideal, "of_ideal": speedup / ideal,
-                     **({"predicted": r["predicted"], "costs": r["costs"]} if "predicted" in r else {})})
+                     **({key: r[key] for key in ("predicted", "predicted_contention", "contention", "costs",
+                                                 "profile")} if "predicted" in r else {})})
         log(f"  M={m:<3} step {r['step']:.4f} s  speedup {speedup:.2f}  ideal {ideal:.2f}  ({speedup / ideal:.0%} of ideal)")
     out["speedup"] = {"single_thread_step": single["step"], "two_intra_threads_step": both["step"],
                       "two_intra_threads_speedup": single["step"] / both["step"],
@@ -325,10 +336,26 @@ def _section_speedup(cfg: dict[str, Any], base: dict[str, Any], out: dict[str, A
         "inside one step, e.g. the two matmuls of a Dense backward)")
     for row in rows:
         if "predicted" in row:
-            out["simulator"] = {"m": row["m"], "predicted": row["predicted"], "measured": row["step"],
-                                "ratio": row["predicted"] / row["step"]}
-            log(f"simulator: K=2 M={row['m']} predicted {row['predicted']:.4f} s, measured {row['step']:.4f} s, "
-                f"predicted/measured {row['predicted'] / row['step']:.2f}")
+            parallel = 2 / row["contention"]
+            attainable = row["ideal"] * parallel / 2
+            out["machine"] = {"contention": row["contention"], "parallel_speedup": parallel,
+                              "attainable_speedup_m8": attainable, "of_attainable": row["speedup"] / attainable,
+                              "profile_m8": row["profile"]}
+            log(f"machine: both stages at once run {row['contention']:.2f}x slower than one alone, i.e. two "
+                f"threads give {parallel:.2f}x (2.00 on two free cores); attainable K=2 M={row['m']} speedup "
+                f"~{attainable:.2f}, reached {row['speedup']:.2f} ({row['speedup'] / attainable:.0%})")
+            prof = row["profile"]
+            log(f"profile K=2 M={row['m']}: ops of both devices ran at the same time for "
+                f"{prof['overlap_fraction']:.0%} of the step; threads busy "
+                + ", ".join(f"{b:.0%}" for b in prof["busy_fraction"]))
+            out["simulator"] = {"m": row["m"], "predicted": row["predicted"],
+                                "predicted_contention": row["predicted_contention"], "measured": row["step"],
+                                "ratio": row["predicted"] / row["step"],
+                                "ratio_contention": row["predicted_contention"] / row["step"]}
+            log(f"simulator: K=2 M={row['m']} measured {row['step']:.4f} s; predicted {row['predicted']:.4f} s "
+                f"from stage costs measured alone (ratio {row['predicted'] / row['step']:.2f}), "
+                f"{row['predicted_contention']:.4f} s with the contention factor "
+                f"(ratio {row['predicted_contention'] / row['step']:.2f})")
 
 
 def _section_memory(cfg: dict[str, Any], out: dict[str, Any], log: Any) -> None:

@@ -48,15 +48,62 @@ def _wait(out: Any) -> None:
         flat[0].numpy()
 
 
-def measure_stage_costs(stages: Sequence[Any], x: Any, repeats: int = 10, calls: int = 3) -> list[sim.StageCost]:
-    """Forward and backward seconds of each stage on its device for one micro-batch ``x``.
+def _stage_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any, Callable, Callable]]:
+    """Per stage: its micro-batch input and two loop bodies (forward; forward+backward) of ``repeats`` runs.
 
-    Inside one ``tf.function`` the stage runs ``repeats`` times back to back
-    (chained by control dependencies, inputs nudged so no run is merged with
-    another), as its actions run inside a pipelined step: the Python call
-    overhead is paid once, not per action. The median of ``calls`` calls is
-    divided by ``repeats``. The backward is the VJP of the stage output
-    (input and weight gradients), timed as forward+backward minus forward.
+    Each run's input depends on the previous run's outputs by a data edge, so
+    grappler can neither drop a run (results used only by control edges become
+    NoOps) nor merge two runs.
+    """
+    import tensorflow as tf
+
+    def nudged(inp: Any, carry: Any) -> Any:
+        return tf.nest.map_structure(lambda t: t + tf.cast(carry, t.dtype) if t.dtype.is_floating else t, inp)
+
+    def probe(outs: list[Any]) -> Any:
+        return tf.add_n([tf.cast(tf.reshape(o, [-1])[0], tf.float32) for o in outs]) * 1e-30
+
+    loops = []
+    for stage in stages:
+        layer, device = stage.layer, stage.device
+        variables = list(layer.trainable_variables)
+        watch = stage.index > 0
+
+        def forward(inp, layer=layer):
+            return tf.nest.flatten(layer(inp, training=True))
+
+        def forward_backward(inp, layer=layer, variables=variables, watch=watch):
+            sources = [t for t in tf.nest.flatten(inp) if t.dtype.is_floating] if watch else []
+            with tf.GradientTape() as tape:
+                tape.watch(sources)
+                outs = tf.nest.flatten(layer(inp, training=True))
+            return tape.gradient(outs, sources + variables, output_gradients=[tf.ones_like(o) for o in outs])
+
+        def loop(body: Callable, device: str = device) -> Callable[[Any], Any]:
+            def run(inp):
+                with tf.device(device):
+                    carry = tf.constant(0.0)
+                    for _ in range(repeats):
+                        carry = probe([o for o in body(nudged(inp, carry)) if o is not None])
+                    return carry
+            return run
+
+        with tf.device(device):
+            x = tf.nest.map_structure(tf.identity, x)
+        loops.append((x, loop(forward), loop(forward_backward)))
+        with tf.device(device):
+            x = layer(x, training=True)
+    return loops
+
+
+def measure_stage_costs(stages: Sequence[Any], x: Any, repeats: int = 10, calls: int = 3) -> list[sim.StageCost]:
+    """Forward and backward seconds of each stage on its device for one micro-batch ``x``, one stage at a time.
+
+    Inside one ``tf.function`` the stage runs ``repeats`` times back to back,
+    as its actions run inside a pipelined step: the Python call overhead is
+    paid once, not per action. The median of ``calls`` calls is divided by
+    ``repeats``. The backward is the VJP of the stage output (input and weight
+    gradients), timed as forward+backward minus forward.
 
     Args:
         stages: :class:`pipeline.stage.Stage` objects (layer and device), built.
@@ -69,45 +116,34 @@ def measure_stage_costs(stages: Sequence[Any], x: Any, repeats: int = 10, calls:
     """
     import tensorflow as tf
 
-    def nudged(inp: Any, r: int) -> Any:
-        return tf.nest.map_structure(lambda t: t + tf.constant(r * 1e-7, t.dtype) if t.dtype.is_floating else t, inp)
-
     costs = []
-    for stage in stages:
-        layer, device = stage.layer, stage.device
-        variables = list(layer.trainable_variables)
-        watch = stage.index > 0
-
-        def chained(body: Callable[[Any], list[Any]]) -> Callable[[Any], Any]:
-            @tf.function
-            def run(inp):
-                with tf.device(device):
-                    outs: list[Any] = []
-                    for r in range(repeats):
-                        with tf.control_dependencies(outs):
-                            outs = [o for o in body(nudged(inp, r)) if o is not None]
-                    return outs
-            return run
-
-        def forward(inp, layer=layer):
-            return tf.nest.flatten(layer(inp, training=True))
-
-        def forward_backward(inp, layer=layer, variables=variables):
-            sources = [t for t in tf.nest.flatten(inp) if t.dtype.is_floating] if watch else []
-            with tf.GradientTape() as tape:
-                tape.watch(sources)
-                outs = tf.nest.flatten(layer(inp, training=True))
-            return tape.gradient(outs, sources + variables, output_gradients=[tf.ones_like(o) for o in outs])
-
-        with tf.device(device):
-            x = tf.nest.map_structure(tf.identity, x)
-        run_f, run_fb = chained(forward), chained(forward_backward)
-        f = _median_time(lambda: run_f(x), calls) / repeats
-        fb = _median_time(lambda: run_fb(x), calls) / repeats
+    for inp, forward, forward_backward in _stage_loops(stages, x, repeats):
+        run_f, run_fb = tf.function(forward), tf.function(forward_backward)
+        f = _median_time(lambda: run_f(inp), calls) / repeats
+        fb = _median_time(lambda: run_fb(inp), calls) / repeats
         costs.append(sim.StageCost(f, max(fb - f, 0.0)))
-        with tf.device(device):
-            x = layer(x, training=True)
     return costs
+
+
+def contention_factor(stages: Sequence[Any], x: Any, repeats: int = 10, calls: int = 3) -> float:
+    """How much slower the stages run all at once than the slowest one alone (1.0: no interference).
+
+    Devices that share hardware (logical CPU devices on the same cores, a busy
+    machine) slow each other down when the pipeline keeps them all busy; GPUs
+    normally do not. Multiply stage costs by this factor to predict steady-state
+    pipelined steps on such devices.
+    """
+    import tensorflow as tf
+
+    loops = _stage_loops(stages, x, repeats)
+    alone = []
+    for inp, _, forward_backward in loops:
+        run = tf.function(forward_backward)
+        alone.append(_median_time(lambda: run(inp), calls))
+    together = tf.function(lambda inputs: [body(i) for (_, _, body), i in zip(loops, inputs)])
+    inputs = [inp for inp, _, _ in loops]
+    both = _median_time(lambda: together(inputs), calls)
+    return max(1.0, both / max(alone))
 
 
 def named_executor(stages: Sequence[Any], schedule: str | Callable, num_microbatches: int) -> Any:
@@ -320,9 +356,17 @@ def _from_config(args: argparse.Namespace) -> dict[str, Any]:
     stages = built.pipeline.stages
     cache: dict[int, list[sim.StageCost]] = {}
 
+    factor = 1.0
+    if args.contention:
+        factor = contention_factor(stages, mb_lib.split(x, args.microbatches or cfg.pipeline.microbatches)[0],
+                                   repeats=args.repeats)
+        print(f"contention factor {factor:.2f}: all stages at once run {factor:.2f}x slower than one alone; "
+              "stage costs are scaled by it")
+
     def costs_for(m: int) -> list[sim.StageCost]:
         if m not in cache:
-            cache[m] = measure_stage_costs(stages, mb_lib.split(x, m)[0], repeats=args.repeats)
+            measured = measure_stage_costs(stages, mb_lib.split(x, m)[0], repeats=args.repeats)
+            cache[m] = [sim.StageCost(c.forward * factor, c.backward * factor) for c in measured]
         return cache[m]
 
     loss = built.pipeline.loss if not isinstance(built.pipeline.loss, str) else tf.keras.losses.get(cfg.loss)
@@ -409,6 +453,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--schedule", choices=SCHEDULES, help="schedule of the chosen plan (default: the config's)")
     p.add_argument("--ms", type=_ints, default=list(DEFAULT_MICROBATCHES),
                    help="micro-batch counts of the table, e.g. 1,2,4,8,16")
+    p.add_argument("--contention", action="store_true",
+                   help="scale stage costs by how much the stages slow each other down when run at once "
+                        "(logical CPU devices sharing cores; usually 1 on GPUs)")
     p.add_argument("--transfer", type=float, default=0.0, help="seconds added per cross-stage copy")
     p.add_argument("--measure", action="store_true",
                    help="also run real steps, stamp every action and draw the measured timeline")

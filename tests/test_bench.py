@@ -26,6 +26,9 @@ def test_quick_bench_structure(in_process):
         assert r["ideal"] == pytest.approx(2 * r["m"] / (r["m"] + 1))
     assert out["simulator"]["m"] == 8 and out["simulator"]["predicted"] > 0
     assert len(rows[1]["costs"]) == 2
+    assert out["machine"]["contention"] >= 1 and 0 < out["machine"]["parallel_speedup"] <= 2
+    assert 0 <= out["machine"]["profile_m8"]["overlap_fraction"] <= 1
+    assert out["simulator"]["predicted_contention"] >= out["simulator"]["predicted"]
     mem = out["memory"]["rows"]
     assert {(r["schedule"], r["recompute"]) for r in mem} == {
         ("gpipe", False), ("gpipe", True), ("1f1b", False), ("1f1b", True)}
