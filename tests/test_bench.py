@@ -32,12 +32,14 @@ def test_quick_bench_structure(in_process):
     mem = out["memory"]["rows"]
     assert {(r["schedule"], r["recompute"]) for r in mem} == {
         ("gpipe", False), ("gpipe", True), ("1f1b", False), ("1f1b", True)}
-    assert all(r["rss_mb"] > 0 for r in mem)
+    assert all(r["rss_mb"] > 0 and r["tf_peak_mb"] > 0 for r in mem)
+    assert set(out["memory"]["rss_growth"]) == set(out["memory"]["growth"])
     assert set(out["memory"]["growth"]) == {"gpipe", "gpipe +recompute", "1f1b", "1f1b +recompute"}
     jac = out["jacobian"]
     assert jac["tape"]["max_error"] == 0
     assert jac["vjp"]["max_error"] < 1e-5 and jac["jacobian"]["max_error"] < 1e-4
     assert jac["time_ratio"] > 0
+    assert out["balance"]["predicted_speedup"] > 0
     assert sum(out["balance"]["equal"]["stage_layers"]) == sum(out["balance"]["time"]["stage_layers"]) == 13
     assert any(line.startswith("speedup:") for line in lines)
 
