@@ -437,7 +437,8 @@ def _growth(rows: list[dict[str, Any]], ms: list[int], key: str) -> dict[str, fl
     for schedule in ("gpipe", "1f1b"):
         for recompute in (False, True):
             sel = {r["m"]: r[key] for r in rows if r["schedule"] == schedule and r["recompute"] == recompute}
-            growth[f"{schedule}{' +recompute' if recompute else ''}"] = sel[ms[-1]] / sel[ms[0]] - 1
+            name = f"{schedule}{' +recompute' if recompute else ''}"
+            growth[name] = sel[ms[-1]] / sel[ms[0]] - 1 if sel[ms[0]] > 0 else float("nan")
     return growth
 
 

@@ -32,7 +32,7 @@ def test_quick_bench_structure(in_process):
     mem = out["memory"]["rows"]
     assert {(r["schedule"], r["recompute"]) for r in mem} == {
         ("gpipe", False), ("gpipe", True), ("1f1b", False), ("1f1b", True)}
-    assert all(r["rss_mb"] > 0 and r["tf_peak_mb"] > 0 for r in mem)
+    assert all(r["rss_mb"] > 0 and r["tf_peak_mb"] >= 0 for r in mem)
     assert set(out["memory"]["rss_growth"]) == set(out["memory"]["growth"])
     assert set(out["memory"]["growth"]) == {"gpipe", "gpipe +recompute", "1f1b", "1f1b +recompute"}
     jac = out["jacobian"]
