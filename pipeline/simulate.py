@@ -6,9 +6,10 @@ neighbouring stages, see :func:`pipeline.schedule.dependencies`) have finished,
 plus an optional transfer time. With uniform costs ``f`` and ``b`` this gives
 GPipe's makespan ``(M+K-1)(f+b)`` and bubble ``(K-1)/(M+K-1)``::
 
-    K=2, M=4, f=1, b=2 (GPipe)        time ->  0 1 2 3 4 5 6 7 8 9 ...
-    device 0: F0 F1 F2 F3 .  .  B0 B0 B1 B1 B2 B2 B3 B3
-    device 1: .  F0 F1 F2 F3 B0 B0 B1 B1 B2 B2 B3 B3 .
+    K=2, M=4, f=1, b=2 (GPipe): makespan (4+2-1)*3 = 15, bubble 1/5
+    time:     0  1  2  3  4  5  6  7  8  9  10 11 12 13 14
+    device 0: F0 F1 F2 F3 .  .  .  B0 B0 B1 B1 B2 B2 B3 B3
+    device 1: .  F0 F1 F2 F3 B0 B0 B1 B1 B2 B2 B3 B3 .  .
 """
 
 from __future__ import annotations

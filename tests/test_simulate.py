@@ -107,3 +107,11 @@ def test_ascii_and_png_gantt(tmp_path):
                      2, title="t")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_module_docstring_diagram():
+    result = sim.simulate(sched.gpipe(2, 4), [(1, 2)] * 2)
+    starts = {str(iv.action): iv.start for iv in result.timeline}
+    assert [starts[f"0B{j}"] for j in range(4)] == [7, 9, 11, 13]
+    assert [starts[f"1B{j}"] for j in range(4)] == [5, 7, 9, 11]
+    assert result.makespan == 15 and result.bubble == pytest.approx(1 / 5)
