@@ -22,12 +22,13 @@ def test_quick_bench_structure(in_process):
     rows = out["speedup"]["rows"]
     assert [r["m"] for r in rows] == [1, 8]
     for r in rows:
-        assert r["step"] > 0 and r["speedup"] > 0
+        assert r["step"] > 0 and r["speedup"] > 0 and r["efficiency"] > 0
         assert r["ideal"] == pytest.approx(2 * r["m"] / (r["m"] + 1))
     assert out["simulator"]["m"] == 8 and out["simulator"]["predicted"] > 0
     assert len(rows[1]["costs"]) == 2
     assert out["machine"]["contention"] >= 1 and 0 < out["machine"]["parallel_speedup"] <= 2
     assert 0 <= out["machine"]["profile_m8"]["overlap_fraction"] <= 1
+    assert out["machine"]["efficiency_m8"] > 0
     assert out["simulator"]["predicted_contention"] >= out["simulator"]["predicted"]
     mem = out["memory"]["rows"]
     assert {(r["schedule"], r["recompute"]) for r in mem} == {
