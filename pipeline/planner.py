@@ -183,8 +183,9 @@ def trace_actions(logdir: str) -> tuple[list[sim.Interval], dict[str, Any]]:
     """Reads the newest profiler trace under ``logdir``: when each action's ops ran.
 
     Returns:
-        The intervals (first op start to last op end of each action, seconds
-        from the first op of the step) and per-thread busy seconds plus the
+        The intervals (each action from its first op, or from when the action
+        it depends on ended if that is later, to its last op; seconds from the
+        first action's start) and per-thread busy seconds plus the
         seconds during which two or more threads ran ops at once (``overlap``).
     """
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
@@ -212,8 +213,16 @@ def trace_actions(logdir: str) -> tuple[list[sim.Interval], dict[str, Any]]:
                 per_thread.setdefault(line.name, []).append((start, end))
     if not spans:
         raise ValueError(f"the trace under {logdir!r} has no action ops (act<stage><op><microbatch>/...)")
-    origin = min(s for s, _ in spans.values())
-    timeline = sorted((sim.Interval(sched.Action.parse(a), s - origin, e - origin) for a, (s, e) in spans.items()),
+    ends = {sched.Action.parse(a): e for a, (_, e) in spans.items()}
+    num_stages = 1 + max(a.stage for a in ends)
+    timeline = []
+    for name, (start, end) in spans.items():
+        action = sched.Action.parse(name)
+        # Ops that need no input (variable reads) run early; the action starts when its input exists.
+        ready = max([start] + [ends[d] for d in sched.dependencies(action, num_stages) if d in ends])
+        timeline.append(sim.Interval(action, min(ready, end), end))
+    origin = min(iv.start for iv in timeline)
+    timeline = sorted((sim.Interval(iv.action, iv.start - origin, iv.end - origin) for iv in timeline),
                       key=lambda iv: (iv.start, iv.action.stage))
     merged = {name: _union(intervals) for name, intervals in per_thread.items()}
     busy = {name: sum(e - s for s, e in ivs) for name, ivs in merged.items()}
