@@ -1,51 +1,29 @@
 """``pipeline plan``: measure stage costs, predict step time and bubble per schedule and M, draw the schedule.
 
-Predicted (simulator, from measured per-stage costs) over measured (timestamps
-of every action of real steps, ``--measure``)::
+Predicted (simulator, from measured per-stage costs) over measured (profiled
+actions of a real step, ``--measure``, see :mod:`pipeline.trace`)::
 
-    predicted 0.41 s  device 0: |F0-F1-F2-F3-   B0---F4-B1---...|
-                      device 1: |   F0-F1-B0---F1-B1---F2-...   |
-    measured  0.43 s  device 0: |F0-F1--F2-F3-   B0----F4-...   |
-                      device 1: |    F0-F1-B0----F1-B1---...    |
+    1f1b, K=2, M=4
+    predicted 0.41 s  device 0: |F0-F1-   B0---F2-B1---F3-B2---   B3---|
+                      device 1: |   F0-B0---F1-B1---F2-B2---F3-B3---   |
+    measured  0.43 s  device 0: |F0-F1--    B0---F2-B1----F3-B2---  B3---|
+                      device 1: |    F0-B0---F1--B1---F2-B2----F3-B3--   |
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
-import re
-import statistics
 import sys
 import tempfile
-import time
 from typing import Any, Callable, Sequence
 
 from pipeline import schedule as sched
 from pipeline import simulate as sim
+from pipeline.trace import _median_time, named_executor, run_measured, trace_actions  # noqa: F401 - re-exported
 
 DEFAULT_MICROBATCHES = (1, 2, 4, 8, 16)
 SCHEDULES = ("gpipe", "1f1b")
-
-
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # trace and warm up
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        out = fn()
-        _wait(out)
-        times.append(time.perf_counter() - start)
-    return float(statistics.median(times))
-
-
-def _wait(out: Any) -> None:
-    import tensorflow as tf
-
-    flat = [t for t in tf.nest.flatten(out) if isinstance(t, tf.Tensor)]
-    if flat:
-        flat[0].numpy()
 
 
 def _stage_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any, Callable, Callable]]:
@@ -144,144 +122,6 @@ def contention_factor(stages: Sequence[Any], x: Any, repeats: int = 10, calls: i
     inputs = [inp for inp, _, _ in loops]
     both = _median_time(lambda: together(inputs), calls)
     return max(1.0, both / max(alone))
-
-
-def named_executor(stages: Sequence[Any], schedule: str | Callable, num_microbatches: int) -> Any:
-    """An :class:`pipeline.executor.Executor` that builds each action under ``tf.name_scope("act<action>")``.
-
-    The ops of action ``1F0`` are then named ``act1F0/...``, so a profiler
-    trace tells when each action really ran on which thread (no extra ops).
-    """
-    import tensorflow as tf
-
-    from pipeline.executor import Executor
-
-    class NamedExecutor(Executor):
-        def _run(self, schedule_rows, step):
-            def named(action: sched.Action) -> list[Any]:
-                with tf.name_scope(f"act{action}"):
-                    return step(action)
-
-            return super()._run(schedule_rows, named)
-
-    return NamedExecutor(stages, schedule, num_microbatches)
-
-
-_ACT = re.compile(r"^(gradient_tape/)?(?:.*/)?act(\d+)([FBW])(\d+)/")
-
-
-def _action_of(op_name: str) -> str | None:
-    """``act1B0/...`` -> ``"1B0"``; ``gradient_tape/act1F0/...`` (the VJP of 1F0's ops) -> ``"1B0"``."""
-    match = _ACT.match(op_name)
-    if not match:
-        return None
-    op = "B" if match.group(1) and match.group(3) == "F" else match.group(3)
-    return f"{match.group(2)}{op}{match.group(4)}"
-
-
-def trace_actions(logdir: str) -> tuple[list[sim.Interval], dict[str, Any]]:
-    """Reads the newest profiler trace under ``logdir``: when each action's ops ran.
-
-    Returns:
-        The intervals (each action from its first op, or from when the action
-        it depends on ended if that is later, to its last op; seconds from the
-        first action's start) and per-thread busy seconds plus the
-        seconds during which two or more threads ran ops at once (``overlap``).
-    """
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
-    paths = sorted(glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb")))
-    if not paths:
-        raise FileNotFoundError(f"no profiler trace under {logdir!r}")
-    space = xplane_pb2.XSpace()
-    with open(paths[-1], "rb") as f:
-        space.ParseFromString(f.read())
-    spans: dict[str, list[float]] = {}
-    per_thread: dict[str, list[tuple[float, float]]] = {}
-    for plane in space.planes:
-        if not plane.name.startswith("/host:CPU"):
-            continue
-        for line in plane.lines:
-            for event in line.events:
-                name = _action_of(plane.event_metadata[event.metadata_id].name)
-                if name is None:
-                    continue
-                start = line.timestamp_ns * 1e-9 + event.offset_ps * 1e-12
-                end = start + event.duration_ps * 1e-12
-                span = spans.setdefault(name, [start, end])
-                span[0], span[1] = min(span[0], start), max(span[1], end)
-                per_thread.setdefault(line.name, []).append((start, end))
-    if not spans:
-        raise ValueError(f"the trace under {logdir!r} has no action ops (act<stage><op><microbatch>/...)")
-    ends = {sched.Action.parse(a): e for a, (_, e) in spans.items()}
-    num_stages = 1 + max(a.stage for a in ends)
-    timeline = []
-    for name, (start, end) in spans.items():
-        action = sched.Action.parse(name)
-        # Ops that need no input (variable reads) run early; the action starts when its input exists.
-        ready = max([start] + [ends[d] for d in sched.dependencies(action, num_stages) if d in ends])
-        timeline.append(sim.Interval(action, min(ready, end), end))
-    origin = min(iv.start for iv in timeline)
-    timeline = sorted((sim.Interval(iv.action, iv.start - origin, iv.end - origin) for iv in timeline),
-                      key=lambda iv: (iv.start, iv.action.stage))
-    merged = {name: _union(intervals) for name, intervals in per_thread.items()}
-    busy = {name: sum(e - s for s, e in ivs) for name, ivs in merged.items()}
-    edges = sorted((when, delta) for ivs in merged.values() for s, e in ivs for when, delta in ((s, 1), (e, -1)))
-    overlap, running, last = 0.0, 0, 0.0
-    for when, delta in edges:
-        if running >= 2:
-            overlap += when - last
-        running, last = running + delta, when
-    return timeline, {"threads": busy, "overlap": overlap}
-
-
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    out: list[list[float]] = []
-    for s, e in sorted(intervals):
-        if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return [(s, e) for s, e in out]
-
-
-def run_measured(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: str, num_microbatches: int,
-                 steps: int = 5) -> tuple[float, list[sim.Interval], dict[str, Any]]:
-    """Runs real pipelined steps (forward and backward, no optimizer update), then one under the profiler.
-
-    Returns:
-        The median step time (seconds, wall clock around the ``tf.function``
-        call, unprofiled), the timeline of the profiled step (see
-        :func:`trace_actions`) and its thread statistics.
-    """
-    import keras
-    import tensorflow as tf
-
-    from pipeline import microbatch as mb_lib
-
-    executor = named_executor(stages, schedule, num_microbatches)
-    loss_obj = keras.losses.get(loss) if isinstance(loss, str) else loss
-    total = float(mb_lib.batch_size(x))
-    ys = mb_lib.split(tf.convert_to_tensor(y), num_microbatches)
-
-    @tf.function
-    def step(inp):
-        def loss_fn(j, y_pred):
-            size = tf.cast(tf.shape(tf.nest.flatten(y_pred)[0])[0], tf.float32)
-            return tf.cast(loss_obj(ys[j], y_pred), tf.float32) * (size / total)
-
-        result = executor.train(inp, loss_fn)
-        return result.loss, result.gradients
-
-    elapsed = _median_time(lambda: step(x), steps)
-    logdir = tempfile.mkdtemp(prefix="pipeline-trace-")
-    tf.profiler.experimental.start(logdir)
-    try:
-        _wait(step(x))
-    finally:
-        tf.profiler.experimental.stop()
-    timeline, threads = trace_actions(logdir)
-    return elapsed, timeline, threads
 
 
 def plan_table(costs_for: Callable[[int], Sequence[sim.StageCost]], microbatches: Sequence[int],

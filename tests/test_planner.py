@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import cli, planner
+from pipeline import cli, planner, trace
 from pipeline import schedule as sched
 from pipeline import simulate as sim
 from pipeline.stage import Stage
@@ -90,8 +90,8 @@ def test_profiled_timeline_has_every_action(schedule):
 
 
 def test_op_names_map_to_actions():
-    assert planner._action_of("act1F0/sequential/dense/MatMul") == "1F0"
-    assert planner._action_of("gradient_tape/act1F0/sequential/dense/MatMul/MatMul_1") == "1B0"
-    assert planner._action_of("act0B3/add_2") == "0B3"
-    assert planner._action_of("gradient_tape/act2B1/x") == "2B1"
-    assert planner._action_of("sequential/dense/MatMul") is None
+    assert trace._action_of("act1F0/sequential/dense/MatMul") == "1F0"
+    assert trace._action_of("gradient_tape/act1F0/sequential/dense/MatMul/MatMul_1") == "1B0"
+    assert trace._action_of("act0B3/add_2") == "0B3"
+    assert trace._action_of("gradient_tape/act2B1/x") == "2B1"
+    assert trace._action_of("sequential/dense/MatMul") is None
