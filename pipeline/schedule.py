@@ -247,12 +247,17 @@ def execution_order(schedule: Schedule) -> Iterator[Action]:
 
 
 def peak_in_flight(schedule: Schedule) -> list[int]:
-    """Per stage, the most micro-batches forwarded but not yet backwarded at once."""
+    """Per stage, the most micro-batches whose activations are alive at once.
+
+    A micro-batch is alive from its F until its B frees the tape, or until its W
+    on a row that splits backward into B and W.
+    """
     peaks = []
     for row in schedule:
+        release = W if any(a.op is W for a in row) else B
         live = peak = 0
         for a in row:
-            live += 1 if a.op is F else (-1 if a.op is B else 0)
+            live += 1 if a.op is F else (-1 if a.op is release else 0)
             peak = max(peak, live)
         peaks.append(peak)
     return peaks

@@ -150,20 +150,6 @@ def cost_function(costs: Costs, schedule: sched.Schedule) -> Callable[[sched.Act
     return lambda a: stage_costs[a.stage].of(a.op, split[a.stage])
 
 
-def _peak_in_flight(schedule: sched.Schedule) -> list[int]:
-    """Like ``schedule.peak_in_flight`` but a split backward frees memory at W."""
-    peaks = []
-    for row in schedule:
-        split = any(a.op is sched.W for a in row)
-        release = sched.W if split else sched.B
-        live = peak = 0
-        for a in row:
-            live += 1 if a.op is sched.F else (-1 if a.op is release else 0)
-            peak = max(peak, live)
-        peaks.append(peak)
-    return peaks
-
-
 def _own_dependencies(action: sched.Action) -> list[sched.Action]:
     """Same-stage prerequisites: B of j needs F of j; W of j needs B of j."""
     if action.op is sched.B:
@@ -228,7 +214,7 @@ def simulate(schedule: sched.Schedule, costs: Costs, transfer: float = 0.0) -> S
         timeline=timeline,
         makespan=max(free, default=0.0),
         busy=busy,
-        peak_in_flight=_peak_in_flight(schedule),
+        peak_in_flight=sched.peak_in_flight(schedule),
         blocked=blocked,
         deadlock=message,
     )
