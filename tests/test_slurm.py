@@ -9,7 +9,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SLURM_LOCAL = os.path.join(os.path.dirname(ROOT), "shared", "slurm_local.sh")
+SLURM_LOCAL = os.environ.get("SLURM_LOCAL_SH", os.path.join(os.path.dirname(ROOT), "shared", "slurm_local.sh"))
 CONFIG = "configs/digits_cnn.yaml"
 
 
@@ -20,6 +20,9 @@ def sh(*cmd, check=True, timeout=120, **kw):
 @pytest.fixture(scope="module")
 def slurm():
     """A running single-node SLURM: reuse one that is up (others may be using it), else start one."""
+    assert os.path.isfile(SLURM_LOCAL), (
+        f"{SLURM_LOCAL} not found: the tests need shared/slurm_local.sh beside the clone "
+        "(as in CI), or SLURM_LOCAL_SH=/path/to/slurm_local.sh")
     up = False
     try:
         up = sh("sinfo", "-h", "-o", "%T", check=False, timeout=20).stdout.strip() in ("idle", "mixed", "allocated")
