@@ -57,18 +57,25 @@ def _stage_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any,
                 outs = tf.nest.flatten(layer(inp, training=True))
             return tape.gradient(outs, sources + variables, output_gradients=[tf.ones_like(o) for o in outs])
 
-        def loop(body: Callable, device: str = device) -> Callable[[Any], Any]:
+        def loop(body: Callable, device: str = device, accumulate: int = 0) -> Callable[[Any], Any]:
+            """``accumulate``: how many trailing outputs are weight gradients summed over runs, as a stage does."""
             def run(inp):
                 with tf.device(device):
                     carry = tf.constant(0.0)
+                    acc: list[Any] = []
                     for _ in range(repeats):
-                        carry = probe([o for o in body(nudged(inp, carry)) if o is not None])
+                        outs = [o for o in body(nudged(inp, carry)) if o is not None]
+                        if accumulate:
+                            grads = outs[len(outs) - accumulate:]
+                            acc = grads if not acc else [a + g for a, g in zip(acc, grads)]
+                            outs = outs[:len(outs) - accumulate] + acc
+                        carry = probe(outs)
                     return carry
             return run
 
         with tf.device(device):
             x = tf.nest.map_structure(tf.identity, x)
-        loops.append((x, loop(forward), loop(forward_backward)))
+        loops.append((x, loop(forward), loop(forward_backward, accumulate=len(variables))))
         with tf.device(device):
             x = layer(x, training=True)
     return loops
@@ -81,7 +88,8 @@ def measure_stage_costs(stages: Sequence[Any], x: Any, repeats: int = 10, calls:
     as its actions run inside a pipelined step: the Python call overhead is
     paid once, not per action. The median of ``calls`` calls is divided by
     ``repeats``. The backward is the VJP of the stage output (input and weight
-    gradients), timed as forward+backward minus forward.
+    gradients) plus the accumulation of the weight gradients over micro-batches,
+    timed as forward+backward minus forward.
 
     Args:
         stages: :class:`pipeline.stage.Stage` objects (layer and device), built.
