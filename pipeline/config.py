@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import os
 import re
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import yaml
 
-from pipeline.errors import PipelineError
+from pipeline.typed_yaml import ConfigError
+from pipeline.typed_yaml import build as _build
+from pipeline.typed_yaml import fail as _fail
+from pipeline.typed_yaml import keys as _keys
+from pipeline.typed_yaml import plain as _plain
 
 SOURCES = ("digits", "tfds", "image_folder", "synthetic")
 SCHEDULES = ("1f1b", "gpipe")
@@ -27,14 +29,6 @@ METRICS = (
 )
 UNEVEN_POLICIES = ("allow", "forbid")
 BALANCES = ("params", "time")
-
-
-class ConfigError(PipelineError, ValueError):
-    """A config value is not acceptable; the message names key path, value and what is allowed."""
-
-
-def _fail(path: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{path}: got {value!r}; {allowed}")
 
 
 @dataclass(frozen=True)
@@ -161,92 +155,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The config as plain YAML-able data (tuples become lists)."""
         return _plain(dataclasses.asdict(self))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-# ------------------------------------------------------------------ conversion
-
-def _type_name(tp: Any) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return " or ".join(_type_name(a) if a is not type(None) else "null" for a in typing.get_args(tp))
-    if origin is tuple:
-        inner = _type_name(typing.get_args(tp)[0]).removeprefix("an ").removeprefix("a ")
-        return f"a list of {inner}s"
-    if origin in (Mapping, dict, collections.abc.Mapping) or tp in (Mapping, dict):
-        return "a mapping"
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _convert(tp: Any, value: Any, path: str) -> Any:
-    """Checks ``value`` against the type annotation ``tp``; returns it converted (lists -> tuples)."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, path)
-            except ConfigError:
-                continue
-        raise _fail(path, value, f"expected {_type_name(tp)}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _fail(path, value, f"expected {_type_name(tp)}")
-        inner = typing.get_args(tp)[0]
-        return tuple(_convert(inner, v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin in (Mapping, dict, collections.abc.Mapping) or tp in (Mapping, dict):
-        if not isinstance(value, Mapping):
-            raise _fail(path, value, "expected a mapping of keyword arguments")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _fail(path, value, "expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(path, value, "expected an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(path, value, "expected a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _fail(path, value, "expected a string")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} at {path}")
-
-
-def _build(cls: type, raw: Any, path: str) -> Any:
-    if not isinstance(raw, Mapping):
-        raise _fail(path or "<top level>", raw, f"expected a mapping with keys {_keys(cls)}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        sub = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            raise ConfigError(f"{sub}: unknown key (value {value!r}); allowed keys here: {', '.join(names)}")
-        kwargs[key] = _convert(hints[key], value, sub)
-    return cls(**kwargs)
-
-
-def _keys(cls: type) -> str:
-    return ", ".join(f.name for f in dataclasses.fields(cls))
 
 
 # ------------------------------------------------------------------ validation

@@ -1,0 +1,106 @@
+"""Typed YAML: build frozen dataclasses from plain data, checking keys and types against annotations."""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import typing
+from typing import Any, Mapping
+
+from pipeline.errors import PipelineError
+
+
+class ConfigError(PipelineError, ValueError):
+    """A config value is not acceptable; the message names key path, value and what is allowed."""
+
+
+def fail(path: str, value: Any, allowed: str) -> ConfigError:
+    """The error for ``value`` at key ``path``, saying what is allowed."""
+    return ConfigError(f"{path}: got {value!r}; {allowed}")
+
+
+def plain(value: Any) -> Any:
+    """Tuples and mappings of a dataclass dump as plain lists and dicts."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_name(a) if a is not type(None) else "null" for a in typing.get_args(tp))
+    if origin is tuple:
+        inner = _type_name(typing.get_args(tp)[0]).removeprefix("an ").removeprefix("a ")
+        return f"a list of {inner}s"
+    if origin in (Mapping, dict, collections.abc.Mapping) or tp in (Mapping, dict):
+        return "a mapping"
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Checks ``value`` against the type annotation ``tp``; returns it converted (lists -> tuples)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path)
+            except ConfigError:
+                continue
+        raise fail(path, value, f"expected {_type_name(tp)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise fail(path, value, f"expected {_type_name(tp)}")
+        inner = typing.get_args(tp)[0]
+        return tuple(_convert(inner, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict, collections.abc.Mapping) or tp in (Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise fail(path, value, "expected a mapping of keyword arguments")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail(path, value, "expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(path, value, "expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(path, value, "expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail(path, value, "expected a string")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {path}")
+
+
+def build(cls: type, raw: Any, path: str) -> Any:
+    """Builds dataclass ``cls`` from a mapping, checking every key and type; errors name the key path."""
+    if not isinstance(raw, Mapping):
+        raise fail(path or "<top level>", raw, f"expected a mapping with keys {keys(cls)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"{sub}: unknown key (value {value!r}); allowed keys here: {', '.join(names)}")
+        kwargs[key] = _convert(hints[key], value, sub)
+    return cls(**kwargs)
+
+
+def keys(cls: type) -> str:
+    """The field names of dataclass ``cls``, comma-separated."""
+    return ", ".join(f.name for f in dataclasses.fields(cls))
