@@ -77,7 +77,7 @@ class Executor:
                 self.action_hook(action)
             deps = last[action.stage]
             ctx = tf.control_dependencies(deps) if deps else contextlib.nullcontext()
-            with ctx:
+            with ctx, tf.name_scope(f"act{action}"):  # ops named act1F0/...: readable in profiles
                 produced = step(action)
             last[action.stage] = [t for t in produced if t is not None] or deps
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from pipeline import schedule as sched
 from pipeline import simulate as sim
-from pipeline.trace import _median_time, named_executor, run_measured, trace_actions  # noqa: F401 - re-exported
+from pipeline.trace import _median_time, run_measured, trace_actions  # noqa: F401 - re-exported
 
 DEFAULT_MICROBATCHES = (1, 2, 4, 8, 16)
 SCHEDULES = ("gpipe", "1f1b")

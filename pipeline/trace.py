@@ -42,27 +42,6 @@ def _wait(out: Any) -> None:
         flat[0].numpy()
 
 
-def named_executor(stages: Sequence[Any], schedule: str | Callable, num_microbatches: int) -> Any:
-    """An :class:`pipeline.executor.Executor` that builds each action under ``tf.name_scope("act<action>")``.
-
-    The ops of action ``1F0`` are then named ``act1F0/...``, so a profiler
-    trace tells when each action really ran on which thread (no extra ops).
-    """
-    import tensorflow as tf
-
-    from pipeline.executor import Executor
-
-    class NamedExecutor(Executor):
-        def _run(self, schedule_rows, step):
-            def named(action: sched.Action) -> list[Any]:
-                with tf.name_scope(f"act{action}"):
-                    return step(action)
-
-            return super()._run(schedule_rows, named)
-
-    return NamedExecutor(stages, schedule, num_microbatches)
-
-
 _ACT = re.compile(r"^(gradient_tape/)?(?:.*/)?act(\d+)([FBW])(\d+)/")
 
 
@@ -154,8 +133,9 @@ def run_measured(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: str
     import tensorflow as tf
 
     from pipeline import microbatch as mb_lib
+    from pipeline.executor import Executor
 
-    executor = named_executor(stages, schedule, num_microbatches)
+    executor = Executor(stages, schedule, num_microbatches)  # names each action's ops act<action>/...
     loss_obj = keras.losses.get(loss) if isinstance(loss, str) else loss
     total = float(mb_lib.batch_size(x))
     ys = mb_lib.split(tf.convert_to_tensor(y), num_microbatches)

@@ -83,3 +83,27 @@ def test_one_f_one_b_bounds_in_flight_microbatches_by_counting():
             peaks[s] = max(peaks[s], live[s])
         assert peaks == expected
         assert [stage.peak_in_flight for stage in piped.stages] == expected
+
+
+def test_graph_mode_devices_follow_their_schedule_rows():
+    """In the compiled step, count from a profiler trace of a real run: each device runs its row in order,
+    so 1F1B keeps at most K-i micro-batches in flight on stage i and GPipe all M."""
+    from pipeline.trace import run_measured
+
+    model = BUILDERS["cnn"][0]()
+    stages = pipeline.split(model, cuts=["conv_a", "conv_b", "dense_a"])
+    x, y = data("cnn", n=16)
+    for schedule, expected in (("1f1b", [4, 3, 2, 1]), ("gpipe", [8, 8, 8, 8])):
+        piped = pipeline.PipelineModel(stages, microbatches=8, schedule=schedule)
+        _, timeline, _ = run_measured(piped.stages, x, y, loss(), schedule, 8, steps=1)
+        peaks = []
+        for s in range(4):
+            rows = sorted((iv for iv in timeline if iv.action.stage == s), key=lambda iv: iv.start)
+            order = [str(iv.action) for iv in rows]
+            assert order == [str(a) for a in piped.executor.train_schedule[s]], (schedule, s, order)
+            live = peak = 0
+            for iv in rows:
+                live += 1 if iv.action.op.value == "F" else -1
+                peak = max(peak, live)
+            peaks.append(peak)
+        assert peaks == expected, (schedule, peaks)
