@@ -22,12 +22,16 @@ from typing import Any
 from pipeline import bench_points as points
 from pipeline import simulate as sim
 
-FULL = {"width": 1024, "layers": 4, "batch": 512, "steps": 6, "rounds": 2,
+# The overhead/speedup model is compute-bound with cache-resident weights (8 x Dense(256) per stage,
+# 2048-row batch): logical CPU devices share the memory bus, so a memory-bound model (e.g. Dense(1024),
+# 4 MB per weight) measures the bus, not the pipeline (two busy threads ran 1.3-1.5x slower each here);
+# GPUs each have their own memory. docs/performance.md shows both.
+FULL = {"width": 256, "layers": 8, "batch": 2048, "steps": 6, "rounds": 2,
         "ms": [1, 2, 4, 8, 16], "mem_ms": [4, 8, 16, 32], "mem_micro": 256, "mem_width": 512,
-        "cnn_batch": 4, "uneven_width": 1536}
+        "cnn_batch": 4, "uneven_width": 1536, "balance_batch": 512}
 QUICK = {"width": 64, "layers": 2, "batch": 32, "steps": 2, "rounds": 1,
          "ms": [1, 2], "mem_ms": [2, 4], "mem_micro": 4, "mem_width": 64,
-         "cnn_batch": 2, "uneven_width": 64}
+         "cnn_batch": 2, "uneven_width": 64, "balance_batch": 32}
 
 
 # ----------------------------------------------------------------------------- worker side (TensorFlow)
@@ -264,11 +268,11 @@ def _section_jacobian(cfg: dict[str, Any], out: dict[str, Any], log: Any) -> Non
 def _section_balance(cfg: dict[str, Any], out: dict[str, Any], log: Any) -> None:
     log("balance: time-balanced vs equal-layer split of an uneven model (K=2, M=8) ...")
     rounds = cfg["rounds"]
-    m = 8 if cfg["batch"] >= 8 else 2
+    m = 8 if cfg["balance_batch"] >= 8 else 2
     bal = {}
     for kind in ("equal", "time"):
         bal[kind] = _best({"kind": "balance", "split": kind, "uneven_width": cfg["uneven_width"], "m": m,
-                           "batch": cfg["batch"], "steps": cfg["steps"], "threads": [1, 2]}, rounds)
+                           "batch": cfg["balance_batch"], "steps": cfg["steps"], "threads": [1, 2]}, rounds)
         log(f"  {kind:<5} split, layers per stage {bal[kind]['stage_layers']}: step {bal[kind]['step']:.4f} s; "
             "stage F+B per micro-batch " + ", ".join(f"{c * 1e3:.2f} ms" for c in bal[kind]["stage_costs"])
             + f"; simulator (stages alone) {bal[kind]['predicted']:.4f} s")
