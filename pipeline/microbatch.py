@@ -8,7 +8,7 @@ batch size B, so uneven micro-batches still add up to the unsplit model's mean.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import tensorflow as tf
 
@@ -75,6 +75,35 @@ def split(batch: Any, num_microbatches: int) -> list[Any]:
     return [
         tf.nest.pack_sequence_as(batch, [p[j] for p in pieces]) for j in range(num_microbatches)
     ]
+
+
+def microbatch_loss(loss: Callable[..., Any], y: Any, sample_weight: Any, num_microbatches: int,
+                    total: tf.Tensor | int) -> Callable[[int, Any], tf.Tensor]:
+    """The executor's loss for micro-batch j: its mean loss times its share n_j / B of the batch.
+
+    The sum over micro-batches is then the unsplit model's mean loss, for uneven
+    micro-batches too.
+
+    Args:
+        loss: ``loss(y_true, y_pred[, sample_weight])``; a per-sample result is averaged.
+        y: the mini-batch targets (split here).
+        sample_weight: per-sample weights or ``None`` (split here).
+        num_microbatches: M.
+        total: B, the mini-batch size.
+
+    Returns:
+        ``loss_fn(j, y_pred_j) -> scalar`` for :meth:`pipeline.executor.Executor.train`.
+    """
+    ys, weights = split(y, num_microbatches), split(sample_weight, num_microbatches)
+    total = tf.cast(total, tf.float32)
+
+    def loss_fn(j: int, y_pred: Any) -> tf.Tensor:
+        value = loss(ys[j], y_pred) if weights[j] is None else loss(ys[j], y_pred, weights[j])
+        value = tf.reduce_mean(tf.cast(value, tf.float32))
+        size = tf.cast(tf.shape(tf.nest.flatten(y_pred)[0])[0], tf.float32)
+        return value * (size / total)
+
+    return loss_fn
 
 
 def merge(microbatches: list[Any]) -> Any:

@@ -148,25 +148,14 @@ class PipelineModel(keras.Model):
             with tf.init_scope():
                 self.optimizer.build(self.trainable_variables)
 
-    def _microbatch_loss(self, ys: list[Any], sample_weights: list[Any], total: tf.Tensor):
-        if self._compile_loss is None:
-            raise SettingError("PipelineModel has no loss: call compile(loss=...) before fit/evaluate")
-
-        def loss_fn(j: int, y_pred: Any) -> tf.Tensor:
-            size = tf.shape(tf.nest.flatten(y_pred)[0])[0]
-            mean = self._compile_loss(ys[j], y_pred, sample_weights[j])
-            return tf.cast(mean, tf.float32) * (tf.cast(size, tf.float32) / total)
-
-        return loss_fn
-
     def train_step(self, data: Any) -> dict[str, Any]:
         """One pipelined step: micro-batches forward and back, one optimizer update."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._ensure_built(x, training=True)
-        m = self.executor.num_microbatches
+        if self._compile_loss is None:
+            raise SettingError("PipelineModel has no loss: call compile(loss=...) before fit/evaluate")
         size = mb_lib.batch_size(x)
-        total = tf.cast(size, tf.float32)
-        loss_fn = self._microbatch_loss(mb_lib.split(y, m), mb_lib.split(sample_weight, m), total)
+        loss_fn = mb_lib.microbatch_loss(self._compile_loss, y, sample_weight, self.executor.num_microbatches, size)
         result = self.executor.train(x, loss_fn, training=True)
         grads_and_vars = result.pairs(self._pipeline_stages)
         if grads_and_vars:

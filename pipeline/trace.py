@@ -137,15 +137,11 @@ def run_measured(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: str
 
     executor = Executor(stages, schedule, num_microbatches)  # names each action's ops act<action>/...
     loss_obj = keras.losses.get(loss) if isinstance(loss, str) else loss
-    total = float(mb_lib.batch_size(x))
-    ys = mb_lib.split(tf.convert_to_tensor(y), num_microbatches)
+    loss_fn = mb_lib.microbatch_loss(loss_obj, tf.convert_to_tensor(y), None, num_microbatches,
+                                     mb_lib.batch_size(x))
 
     @tf.function
     def step(inp):
-        def loss_fn(j, y_pred):
-            size = tf.cast(tf.shape(tf.nest.flatten(y_pred)[0])[0], tf.float32)
-            return tf.cast(loss_obj(ys[j], y_pred), tf.float32) * (size / total)
-
         result = executor.train(inp, loss_fn)
         return result.loss, result.gradients
 

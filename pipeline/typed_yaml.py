@@ -67,23 +67,21 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise fail(path, value, "expected a mapping of keyword arguments")
         return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise fail(path, value, "expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise fail(path, value, "expected an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail(path, value, "expected a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise fail(path, value, "expected a string")
-        return value
+    if tp in _SCALARS:
+        kinds, message = _SCALARS[tp]
+        if not isinstance(value, kinds) or (tp is not bool and isinstance(value, bool)):
+            raise fail(path, value, message)
+        return float(value) if tp is float else value
     raise TypeError(f"unsupported annotation {tp!r} at {path}")
+
+
+_SCALARS: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "expected true or false"),
+    int: ((int,), "expected an integer"),
+    float: ((int, float), "expected a number"),
+    str: ((str,), "expected a string"),
+}
+"""Scalar annotation -> (accepted Python types, error text); bools are not numbers here."""
 
 
 def build(cls: type, raw: Any, path: str) -> Any:

@@ -115,15 +115,10 @@ def verify(stages_or_model: PipelineModel | Sequence[keras.layers.Layer], x: Any
     if not model.built:
         model.build(tf.nest.map_structure(lambda t: tuple(t.shape), x))
     loss_obj = keras.losses.get(loss)
-    total = tf.cast(mb_lib.batch_size(x), tf.float32)
-    ys = mb_lib.split(y, m)
+    loss_fn = mb_lib.microbatch_loss(loss_obj, y, None, m, mb_lib.batch_size(x))
 
     @tf.function
     def pipelined():
-        def loss_fn(j, y_pred):
-            size = tf.cast(tf.shape(tf.nest.flatten(y_pred)[0])[0], tf.float32)
-            return tf.cast(loss_obj(ys[j], y_pred), tf.float32) * (size / total)
-
         result = executor.train(x, loss_fn)
         return result.loss, result.gradients
 
@@ -136,7 +131,7 @@ def verify(stages_or_model: PipelineModel | Sequence[keras.layers.Layer], x: Any
                 with tf.device(stage.device):
                     out = stage.layer(out, training=True)
                 extra += stage.layer.losses
-            value = tf.cast(loss_obj(y, out), tf.float32)
+            value = tf.reduce_mean(tf.cast(loss_obj(y, out), tf.float32))
             if extra:
                 value += tf.add_n([tf.cast(e, tf.float32) for e in extra])
         variables = [v for stage in stages for v in stage.trainable_variables]

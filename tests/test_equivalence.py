@@ -28,6 +28,17 @@ def test_gradients_equal_unsplit(kind, schedule, k, m):
     assert abs(report.loss_pipelined - report.loss_unsplit) < 1e-5
 
 
+def test_verify_with_a_string_loss_uses_the_mean():
+    """keras.losses.get('mse') returns per-sample values; micro-batch and unsplit losses are their mean."""
+    _, stages = split_model("residual", 2)
+    x, _ = data("residual", n=12)
+    y = np.random.default_rng(3).normal(size=(12, 10)).astype("float32")
+    report = pipeline.verify(stages, x, y, "mse", microbatches=3)
+    assert report.ok, str(report)
+    out = stages[1](stages[0](x))
+    assert report.loss_unsplit == pytest.approx(float(np.mean((np.asarray(out) - y) ** 2)), rel=1e-5)
+
+
 def test_uneven_batch_follows_array_split_policy():
     _, stages = split_model("cnn", 2)
     x, y = data("cnn", n=11)  # 11 = 3 + 3 + 3 + 2

@@ -26,12 +26,7 @@ def test_readme_low_level_loop_matches_unsplit():
 
     @tf.function
     def train_step(x, y):
-        ys = microbatch.split(y, 4)
-        batch = tf.cast(tf.shape(y)[0], tf.float32)
-
-        def loss_fn(j, y_pred):
-            return loss(ys[j], y_pred) * tf.cast(tf.shape(y_pred)[0], tf.float32) / batch
-
+        loss_fn = microbatch.microbatch_loss(loss, y, None, 4, tf.shape(y)[0])  # mean loss x share of batch
         result = executor.train(x, loss_fn)
         grads, variables = zip(*result.pairs(stages))
         optimizer.apply(list(grads), list(variables))
