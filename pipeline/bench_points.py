@@ -9,11 +9,11 @@ starts); each returns a JSON-friendly dictionary::
 from __future__ import annotations
 
 import resource
-import statistics
 import time
 from typing import Any
 
 from pipeline import simulate as sim
+from pipeline.overhead import measure_step_overhead, time_fit_step
 
 
 def peak_rss_mb() -> float:
@@ -42,24 +42,6 @@ def _mlp(width: int, layers: int, name: str, in_dim: int | None = None, out_dim:
     return keras.Sequential([keras.Input((in_dim or width,))] + body, name=name)
 
 
-def _time_fit(model: Any, x: Any, y: Any, batch: int, steps: int, calls: int = 3) -> float:
-    """Seconds per step: median over ``calls`` fits of ``steps`` steps each, after a warm-up (tracing) fit.
-
-    One fit call runs many steps, so Keras' per-call set-up (data adapter,
-    iterator, callbacks) is spread over them, as in real training.
-    """
-    import numpy as np
-
-    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
-    xs, ys = np.concatenate([x] * steps), np.concatenate([y] * steps)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        model.fit(xs, ys, batch_size=batch, epochs=1, verbose=0, shuffle=False)
-        times.append((time.perf_counter() - start) / steps)
-    return float(statistics.median(times))
-
-
 def point_step(p: dict[str, Any]) -> dict[str, Any]:
     """One training configuration: median step time, peak RSS, optionally the simulator's prediction."""
     import keras
@@ -81,7 +63,7 @@ def point_step(p: dict[str, Any]) -> dict[str, Any]:
         model = PipelineModel(parts, microbatches=p["m"], schedule=p.get("schedule", "1f1b"),
                               recompute=p.get("recompute", False))
     model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
-    result = {"step": _time_fit(model, x, y, batch, p["steps"])}
+    result = {"step": time_fit_step(model, x, y, p["steps"])}
     result["rss_mb"] = peak_rss_mb()
     result["tf_peak_mb"] = _tf_step_peak_mb(lambda: model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
                                                                shuffle=False))
@@ -90,7 +72,8 @@ def point_step(p: dict[str, Any]) -> dict[str, Any]:
         from pipeline.planner import measure_stage_costs
 
         def work(inp: Any) -> float:
-            return sum(c.forward + c.backward for c in measure_stage_costs(model.stages, inp, repeats=3))
+            return sum(c.forward + c.backward
+                       for c in measure_stage_costs(model.stages, inp, repeats=3, under_load=False))
 
         # Same work cut into M pieces: small matmuls re-read the weights per piece and run less efficiently.
         result["efficiency"] = work(x) / (p["m"] * work(mb_lib.split(x, p["m"])[0]))
@@ -100,14 +83,18 @@ def point_step(p: dict[str, Any]) -> dict[str, Any]:
         from pipeline.planner import contention_factor, measure_stage_costs, run_measured
 
         micro = mb_lib.split(x, p["m"])[0]
-        costs = measure_stage_costs(model.stages, micro, repeats=4)
         rows = sched.get(p.get("schedule", "1f1b"))(k, p["m"])
-        factor = contention_factor(model.stages, micro, repeats=4)
-        scaled = [sim.StageCost(c.forward * factor, c.backward * factor) for c in costs]
-        result["predicted"] = sim.simulate(rows, costs).makespan
-        result["predicted_contention"] = sim.simulate(rows, scaled).makespan
-        result["contention"] = factor
+        costs = measure_stage_costs(model.stages, micro, repeats=8, calls=5)
+        alone = measure_stage_costs(model.stages, micro, repeats=8, calls=5, under_load=False)
+        whole = measure_stage_costs(model.stages, x, repeats=2, calls=5, under_load=False)
+        step_overhead = measure_step_overhead(model, x, y, whole, steps=p["steps"])
+        result["makespan"] = sim.simulate(rows, costs).makespan
+        result["makespan_alone"] = sim.simulate(rows, alone).makespan
+        result["overhead"] = step_overhead
+        result["predicted"] = result["makespan"] + step_overhead
+        result["contention"] = contention_factor(model.stages, micro, repeats=8, calls=5)
         result["costs"] = [[c.forward, c.backward] for c in costs]
+        result["costs_alone"] = [[c.forward, c.backward] for c in alone]
         _, timeline, threads = run_measured(model.stages, x, y, "mse", p.get("schedule", "1f1b"), p["m"], steps=2)
         span = max(iv.end for iv in timeline)
         result["profile"] = {"span": span, "overlap": threads["overlap"],
@@ -125,9 +112,8 @@ def overhead(p: dict[str, Any]) -> dict[str, Any]:
 
     width, layers, batch = p["width"], p["layers"], p["batch"]
     rng = np.random.default_rng(0)
-    n = batch * 8
-    x = rng.normal(size=(n, width)).astype("float32")
-    y = rng.normal(size=(n, width)).astype("float32")
+    x = rng.normal(size=(batch, width)).astype("float32")
+    y = rng.normal(size=(batch, width)).astype("float32")
     keras.utils.set_random_seed(0)
     plain = _mlp(width, 2 * layers, "plain")
     keras.utils.set_random_seed(0)
@@ -135,14 +121,11 @@ def overhead(p: dict[str, Any]) -> dict[str, Any]:
     models = {"keras": plain, "pipeline": piped}
     for model in models.values():
         model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
-        model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
     times: dict[str, list[float]] = {"keras": [], "pipeline": []}
-    for _ in range(max(2, 2 * p["steps"])):
+    for _ in range(max(2, p["steps"])):
         for name, model in models.items():
-            start = time.perf_counter()
-            model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
-            times[name].append((time.perf_counter() - start) / 8)
-    # Interleaved epochs; the fastest of each is the least disturbed by other load on the machine.
+            times[name].append(time_fit_step(model, x, y, steps=8, calls=1))
+    # Interleaved fits; the fastest of each is the least disturbed by other load on the machine.
     return {name: float(min(v)) for name, v in times.items()}
 
 
@@ -177,12 +160,12 @@ def balance_point(p: dict[str, Any]) -> dict[str, Any]:
         stages = split(model, cuts=[names[cut - 1]])
     pipe = PipelineModel(stages, microbatches=p["m"])
     pipe.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
-    step = _time_fit(pipe, x, y, batch, p["steps"])
+    step = time_fit_step(pipe, x, y, p["steps"])
     from pipeline import microbatch as mb_lib
     from pipeline import schedule as sched
     from pipeline.planner import measure_stage_costs
 
-    costs = measure_stage_costs(pipe.stages, mb_lib.split(x, p["m"])[0], repeats=4)
+    costs = measure_stage_costs(pipe.stages, mb_lib.split(x, p["m"])[0], repeats=4, under_load=False)
     predicted = sim.simulate(sched.one_f_one_b(2, p["m"]), costs).makespan
     return {"step": step, "stage_layers": [len(s.layers) for s in stages], "predicted": predicted,
             "stage_costs": [c.forward + c.backward for c in costs]}

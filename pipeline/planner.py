@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 from pipeline import schedule as sched
 from pipeline import simulate as sim
-from pipeline.trace import _median_time, run_measured, trace_actions  # noqa: F401 - re-exported
+from pipeline.trace import _median_time, _wait, run_measured, trace_actions  # noqa: F401 - re-exported
 
 DEFAULT_MICROBATCHES = (1, 2, 4, 8, 16)
 SCHEDULES = ("gpipe", "1f1b")
@@ -81,8 +81,44 @@ def _stage_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any,
     return loops
 
 
-def measure_stage_costs(stages: Sequence[Any], x: Any, repeats: int = 10, calls: int = 3) -> list[sim.StageCost]:
-    """Forward and backward seconds of each stage on its device for one micro-batch ``x``, one stage at a time.
+class _Load:
+    """Keeps other stages' devices busy from a background thread while one stage is timed.
+
+    ``with _Load(runs):`` calls every function of ``runs`` in turn (each a
+    compiled loop of another stage, already traced) until the block ends.
+    """
+
+    def __init__(self, runs: Sequence[Callable[[], Any]]):
+        import threading
+
+        self._runs = list(runs)
+        self._stop = threading.Event()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pipeline-stage-load", daemon=True)
+
+    def _loop(self) -> None:
+        from pipeline.trace import _wait
+
+        while not self._stop.is_set():
+            for run in self._runs:
+                _wait(run())
+            self._started.set()
+
+    def __enter__(self) -> "_Load":
+        if self._runs:
+            self._thread.start()
+            self._started.wait()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._runs:
+            self._thread.join()
+
+
+def measure_stage_costs(stages: Sequence[Any], x: Any, repeats: int = 10, calls: int = 3,
+                        under_load: bool = True) -> list[sim.StageCost]:
+    """Forward and backward seconds of each stage on its device for one micro-batch ``x``.
 
     Inside one ``tf.function`` the stage runs ``repeats`` times back to back,
     as its actions run inside a pipelined step: the Python call overhead is
@@ -91,22 +127,38 @@ def measure_stage_costs(stages: Sequence[Any], x: Any, repeats: int = 10, calls:
     gradients) plus the accumulation of the weight gradients over micro-batches,
     timed as forward+backward minus forward.
 
+    ``under_load`` times each stage while the other stages run their own
+    forward+backward loops on their devices from a background thread: the
+    steady state of a pipeline, where every device is busy. Devices that share
+    hardware (logical CPU devices on the same cores) are slower then than
+    alone; separate GPUs are not, and both ways give the same costs::
+
+        timed stage 0:  |F F F F ... (repeats)|
+        load:           |1F1B 1F1B 1F1B 1F1B 1F1B ...|    (stage 1, until the timing ends)
+
     Args:
         stages: :class:`pipeline.stage.Stage` objects (layer and device), built.
         x: one micro-batch of the pipeline's input.
         repeats: stage runs per timed call.
         calls: timed calls; the median is kept.
+        under_load: time each stage while the others run (default), or alone.
 
     Returns:
         One :class:`pipeline.simulate.StageCost` per stage.
     """
     import tensorflow as tf
 
+    loops = [(inp, tf.function(forward), tf.function(forward_backward))
+             for inp, forward, forward_backward in _stage_loops(stages, x, repeats)]
+    for inp, run_f, run_fb in loops:  # trace every loop before any timing
+        _wait(run_f(inp))
+        _wait(run_fb(inp))
     costs = []
-    for inp, forward, forward_backward in _stage_loops(stages, x, repeats):
-        run_f, run_fb = tf.function(forward), tf.function(forward_backward)
-        f = _median_time(lambda: run_f(inp), calls) / repeats
-        fb = _median_time(lambda: run_fb(inp), calls) / repeats
+    for i, (inp, run_f, run_fb) in enumerate(loops):
+        others = [(lambda fb=fb, a=a: fb(a)) for j, (a, _, fb) in enumerate(loops) if j != i] if under_load else []
+        with _Load(others):
+            f = _median_time(lambda: run_f(inp), calls) / repeats
+            fb = _median_time(lambda: run_fb(inp), calls) / repeats
         costs.append(sim.StageCost(f, max(fb - f, 0.0)))
     return costs
 
@@ -116,8 +168,9 @@ def contention_factor(stages: Sequence[Any], x: Any, repeats: int = 10, calls: i
 
     Devices that share hardware (logical CPU devices on the same cores, a busy
     machine) slow each other down when the pipeline keeps them all busy; GPUs
-    normally do not. Multiply stage costs by this factor to predict steady-state
-    pipelined steps on such devices.
+    normally do not. A diagnostic of the machine (``pipeline bench`` prints it);
+    :func:`measure_stage_costs` with ``under_load=True`` already times each
+    stage in that busy state.
     """
     import tensorflow as tf
 
@@ -133,7 +186,8 @@ def contention_factor(stages: Sequence[Any], x: Any, repeats: int = 10, calls: i
 
 
 def plan_table(costs_for: Callable[[int], Sequence[sim.StageCost]], microbatches: Sequence[int],
-               schedules: Sequence[str] = SCHEDULES, transfer: float = 0.0) -> list[dict[str, Any]]:
+               schedules: Sequence[str] = SCHEDULES, transfer: float = 0.0,
+               overhead: float = 0.0) -> list[dict[str, Any]]:
     """Simulates every schedule for every M.
 
     Args:
@@ -141,6 +195,8 @@ def plan_table(costs_for: Callable[[int], Sequence[sim.StageCost]], microbatches
         microbatches: the values of M.
         schedules: schedule names.
         transfer: time added to every cross-stage dependency.
+        overhead: seconds per step outside the stage actions (optimizer, loss,
+            Keras; :mod:`pipeline.overhead`), added to every step.
 
     Returns:
         One row per (schedule, M): predicted step time, bubble, speedup over
@@ -148,15 +204,16 @@ def plan_table(costs_for: Callable[[int], Sequence[sim.StageCost]], microbatches
         ``K*M/(M+K-1)``, and peak in-flight micro-batches per stage.
     """
     base = costs_for(1)
-    single = sum(c.forward + c.backward for c in base)
+    single = sum(c.forward + c.backward for c in base) + overhead
     rows = []
     for name in schedules:
         for m in microbatches:
             costs = list(costs_for(m))
             result = sim.simulate(sched.get(name)(len(costs), m), costs, transfer=transfer)
+            step = result.makespan + overhead
             rows.append({
-                "schedule": name, "microbatches": m, "step": result.makespan, "bubble": result.bubble,
-                "speedup": single / result.makespan if result.makespan else 0.0,
+                "schedule": name, "microbatches": m, "step": step, "bubble": result.bubble,
+                "speedup": single / step if step else 0.0,
                 "ideal": sim.ideal_speedup(len(costs), m), "peak_in_flight": result.peak_in_flight,
                 "deadlock": result.deadlock or None,
             })
@@ -213,23 +270,25 @@ def _from_config(args: argparse.Namespace) -> dict[str, Any]:
     stages = built.pipeline.stages
     cache: dict[int, list[sim.StageCost]] = {}
 
-    factor = 1.0
-    if args.contention:
-        factor = contention_factor(stages, mb_lib.split(x, args.microbatches or cfg.pipeline.microbatches)[0],
-                                   repeats=args.repeats)
-        print(f"contention factor {factor:.2f}: all stages at once run {factor:.2f}x slower than one alone; "
-              "stage costs are scaled by it")
-
     def costs_for(m: int) -> list[sim.StageCost]:
+        # M=1 runs one stage at a time; with M > 1 the other stages are busy meanwhile.
         if m not in cache:
-            measured = measure_stage_costs(stages, mb_lib.split(x, m)[0], repeats=args.repeats)
-            cache[m] = [sim.StageCost(c.forward * factor, c.backward * factor) for c in measured]
+            cache[m] = measure_stage_costs(stages, mb_lib.split(x, m)[0], repeats=args.repeats,
+                                           under_load=m > 1 and not args.stages_alone)
         return cache[m]
+
+    overhead = args.overhead
+    if overhead is None:
+        from pipeline.overhead import measure_step_overhead
+
+        overhead = measure_step_overhead(built.pipeline, x, y, costs_for(1), steps=args.steps)
+        print(f"step overhead {overhead:.4f} s: a real M=1 step minus its simulated stage actions "
+              "(optimizer, loss, metrics, Keras); added to every predicted step")
 
     loss = built.pipeline.loss if not isinstance(built.pipeline.loss, str) else tf.keras.losses.get(cfg.loss)
     return {"stages": stages, "x": x, "y": y, "loss": loss, "ms": ms, "costs_for": costs_for,
             "microbatches": args.microbatches or cfg.pipeline.microbatches,
-            "schedule": args.schedule or cfg.pipeline.schedule}
+            "schedule": args.schedule or cfg.pipeline.schedule, "overhead": overhead}
 
 
 def plan_command(args: argparse.Namespace) -> int:
@@ -244,7 +303,7 @@ def plan_command(args: argparse.Namespace) -> int:
             return 2
         m0 = args.microbatches or 1
         ctx = {"costs_for": _scaled(costs, m0), "ms": list(args.ms), "microbatches": m0,
-               "schedule": args.schedule or "1f1b", "stages": None}
+               "schedule": args.schedule or "1f1b", "stages": None, "overhead": args.overhead or 0.0}
         if args.measure:
             print("pipeline plan: --measure needs a CONFIG (a model to run)", file=sys.stderr)
             return 2
@@ -254,23 +313,27 @@ def plan_command(args: argparse.Namespace) -> int:
         return 2
     m, name = ctx["microbatches"], ctx["schedule"]
     ms = sorted(set(ctx["ms"]) | {m})
-    rows = plan_table(ctx["costs_for"], ms, SCHEDULES, transfer=args.transfer)
+    overhead = ctx["overhead"]
+    rows = plan_table(ctx["costs_for"], ms, SCHEDULES, transfer=args.transfer, overhead=overhead)
     costs = list(ctx["costs_for"](m))
     print("stage costs per micro-batch at M=%d (s): " % m
           + ", ".join(f"[{i}] F {c.forward:.5f} B {c.backward:.5f}" for i, c in enumerate(costs)))
     print(format_table(rows))
     predicted = sim.simulate(sched.get(name)(len(costs), m), costs, transfer=args.transfer)
-    print(f"\n{name}, M={m}: predicted step {predicted.makespan:.4f} s, bubble {predicted.bubble:.1%}")
+    step = predicted.makespan + overhead
+    print(f"\n{name}, M={m}: predicted step {step:.4f} s (stage actions {predicted.makespan:.4f} s + overhead "
+          f"{overhead:.4f} s), bubble {predicted.bubble:.1%}")
     print(sim.ascii_gantt(predicted.timeline, len(costs)))
     panels = [(f"predicted\n{predicted.makespan:.3f} s", predicted.timeline)]
-    report: dict[str, Any] = {"schedule": name, "microbatches": m, "rows": rows,
+    report: dict[str, Any] = {"schedule": name, "microbatches": m, "rows": rows, "overhead": overhead,
                               "costs": [vars(c) for c in costs], "predicted": predicted.summary()}
     if args.measure:
         elapsed, timeline, threads = run_measured(ctx["stages"], ctx["x"], ctx["y"], ctx["loss"], name, m,
                                                   args.steps)
         span = max(iv.end for iv in timeline)
-        print(f"\nmeasured step {elapsed:.4f} s (profiled actions span {span:.4f} s), "
-              f"predicted/measured {predicted.makespan / elapsed:.2f}; threads busy "
+        print(f"\nmeasured stage actions {elapsed:.4f} s per step (forward and backward of every micro-batch, "
+              f"no optimizer; profiled span {span:.4f} s), predicted/measured {predicted.makespan / elapsed:.2f}; "
+              "threads busy "
               + ", ".join(f"{v:.4f}" for v in threads["threads"].values())
               + f" s; two or more threads at once {threads['overlap']:.4f} s")
         print(sim.ascii_gantt(timeline, len(costs)))
@@ -310,9 +373,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--schedule", choices=SCHEDULES, help="schedule of the chosen plan (default: the config's)")
     p.add_argument("--ms", type=_ints, default=list(DEFAULT_MICROBATCHES),
                    help="micro-batch counts of the table, e.g. 1,2,4,8,16")
-    p.add_argument("--contention", action="store_true",
-                   help="scale stage costs by how much the stages slow each other down when run at once "
-                        "(logical CPU devices sharing cores; usually 1 on GPUs)")
+    p.add_argument("--stages-alone", action="store_true",
+                   help="time each stage alone instead of while the other stages run (faster to measure; "
+                        "the same on devices that share no hardware, e.g. separate GPUs)")
+    p.add_argument("--overhead", type=float, metavar="SECONDS",
+                   help="seconds per step outside the stage actions (default: measured from a real M=1 step "
+                        "with a CONFIG, 0 with --costs)")
     p.add_argument("--transfer", type=float, default=0.0, help="seconds added per cross-stage copy")
     p.add_argument("--measure", action="store_true",
                    help="also run real steps, stamp every action and draw the measured timeline")

@@ -1,6 +1,8 @@
 """Planner: table of schedules x M, cost parsing, stage-cost measurement, stamped real timelines, CLI."""
 
 import json
+import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -10,6 +12,8 @@ from pipeline import cli, planner, trace
 from pipeline import schedule as sched
 from pipeline import simulate as sim
 from pipeline.stage import Stage
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _costs(m):
@@ -30,6 +34,22 @@ def test_plan_table_matches_simulator_and_formula():
     assert "1f1b       8" in planner.format_table(rows)
 
 
+def test_plan_table_adds_the_step_overhead_to_every_step():
+    plain = planner.plan_table(_costs, [1, 4])
+    rows = planner.plan_table(_costs, [1, 4], overhead=0.5)
+    for row, base in zip(rows, plain):
+        assert row["step"] == pytest.approx(base["step"] + 0.5)
+        assert row["bubble"] == pytest.approx(base["bubble"])  # idle time of the stage actions only
+    # Unsplit baseline 6.0 s + 0.5 s; 1F1B at M=4: 3.75 s + 0.5 s.
+    assert rows[3]["speedup"] == pytest.approx(6.5 / 4.25)
+
+
+def test_cli_overhead_option(tmp_path, capsys):
+    assert cli.main(["plan", "--costs", "0.01,0.02", "0.01,0.02", "--microbatches", "4", "--ms", "4",
+                     "--overhead", "0.05", "--png", str(tmp_path / "g.png")]) == 0
+    assert "1f1b, M=4: predicted step 0.2000 s (stage actions 0.1500 s + overhead 0.0500 s)" in capsys.readouterr().out
+
+
 def test_parse_costs():
     assert planner.parse_costs(["0.1,0.2", "1,2,0.5"]) == [sim.StageCost(0.1, 0.2), sim.StageCost(1, 2, 0.5)]
 
@@ -46,7 +66,7 @@ def test_cli_with_costs_writes_png_and_json(tmp_path, capsys):
                      "--schedule", "gpipe", "--png", str(png), "--json", str(out)])
     assert code == 0
     text = capsys.readouterr().out
-    assert "gpipe, M=4: predicted step 0.1500 s, bubble 20.0%" in text
+    assert "gpipe, M=4: predicted step 0.1500 s (stage actions 0.1500 s + overhead 0.0000 s), bubble 20.0%" in text
     assert "device 1: |" in text
     assert png.read_bytes()[:4] == b"\x89PNG"
     report = json.loads(out.read_text())
@@ -76,6 +96,31 @@ def test_measure_stage_costs_structure():
     assert all(c.forward > 0 and c.backward >= 0 for c in costs)
 
 
+def test_load_runs_the_other_stages_only_inside_the_block():
+    calls = []
+
+    def run():
+        calls.append(time.perf_counter())
+        time.sleep(0.001)
+
+    with planner._Load([run]):
+        time.sleep(0.05)
+        inside = len(calls)
+    after = len(calls)
+    time.sleep(0.02)
+    assert inside >= 2  # started before the block body, kept running during it
+    assert len(calls) == after  # stopped (and joined) when the block ended
+    with planner._Load([]):  # one stage: nothing to load, no thread
+        pass
+
+
+def test_costs_under_load_and_alone():
+    x = np.ones((4, 8), np.float32)
+    for under_load in (True, False):
+        costs = planner.measure_stage_costs(_stages(), x, repeats=2, calls=1, under_load=under_load)
+        assert len(costs) == 2 and all(c.forward > 0 and c.backward >= 0 for c in costs)
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_profiled_timeline_has_every_action(schedule):
     x = np.random.default_rng(0).normal(size=(8, 8)).astype("float32")
@@ -95,3 +140,18 @@ def test_op_names_map_to_actions():
     assert trace._action_of("act0B3/add_2") == "0B3"
     assert trace._action_of("gradient_tape/act2B1/x") == "2B1"
     assert trace._action_of("sequential/dense/MatMul") is None
+
+
+def test_cli_with_a_config_measures_overhead_costs_and_a_real_timeline(tmp_path, capsys):
+    png, out = tmp_path / "plan.png", tmp_path / "plan.json"
+    code = cli.main(["plan", str(CONFIGS / "digits_cnn.yaml"), "--ms", "1,2", "--microbatches", "2", "--measure",
+                     "--steps", "1", "--repeats", "1", "--png", str(png), "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "step overhead" in text and "measured stage actions" in text
+    report = json.loads(out.read_text())
+    assert report["overhead"] >= 0 and report["microbatches"] == 2
+    step = next(r["step"] for r in report["rows"] if r["schedule"] == report["schedule"] and r["microbatches"] == 2)
+    assert step == pytest.approx(report["predicted"]["makespan"] + report["overhead"])
+    assert len(report["measured"]["timeline"]) == 8  # 2 stages x 2 micro-batches x (F, B)
+    assert png.read_bytes()[:4] == b"\x89PNG"
