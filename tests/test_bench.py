@@ -29,7 +29,10 @@ def test_quick_bench_structure(in_process):
     assert out["machine"]["contention"] >= 1 and 0 < out["machine"]["parallel_speedup"] <= 2
     assert 0 <= out["machine"]["profile_m8"]["overlap_fraction"] <= 1
     assert out["machine"]["efficiency_m8"] > 0
-    assert out["simulator"]["predicted_contention"] >= out["simulator"]["predicted"]
+    sim_out = out["simulator"]
+    assert sim_out["predicted"] == pytest.approx(sim_out["makespan"] + sim_out["overhead"])
+    assert sim_out["overhead"] >= 0 and sim_out["ratio"] == pytest.approx(sim_out["predicted"] / sim_out["measured"])
+    assert len(rows[1]["costs_alone"]) == 2
     mem = out["memory"]["rows"]
     assert {(r["schedule"], r["recompute"]) for r in mem} == {
         ("gpipe", False), ("gpipe", True), ("1f1b", False), ("1f1b", True)}
