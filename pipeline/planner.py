@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import tempfile
+import threading
 from typing import Any, Callable, Sequence
 
 from pipeline import schedule as sched
@@ -82,38 +83,51 @@ def _stage_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any,
 
 
 class _Load:
-    """Keeps other stages' devices busy from a background thread while one stage is timed.
+    """Keeps other stages' devices busy from background threads while one stage is timed.
 
-    ``with _Load(runs):`` calls every function of ``runs`` in turn (each a
-    compiled loop of another stage, already traced) until the block ends.
+    ``with _Load(runs):`` starts one thread per function of ``runs`` (each a
+    compiled loop of another stage, already traced), each calling its function
+    over and over until the block ends. The block starts once every thread has
+    finished one call; an error in a thread is raised in the caller.
     """
 
     def __init__(self, runs: Sequence[Callable[[], Any]]):
-        import threading
-
-        self._runs = list(runs)
         self._stop = threading.Event()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="pipeline-stage-load", daemon=True)
+        self._errors: list[BaseException] = []
+        self._ready = threading.Barrier(len(runs) + 1) if runs else None
+        self._threads = [threading.Thread(target=self._loop, args=(run,), name=f"pipeline-stage-load-{i}",
+                                          daemon=True) for i, run in enumerate(runs)]
 
-    def _loop(self) -> None:
-        from pipeline.trace import _wait
-
-        while not self._stop.is_set():
-            for run in self._runs:
+    def _loop(self, run: Callable[[], Any]) -> None:
+        first = True
+        try:
+            while first or not self._stop.is_set():
                 _wait(run())
-            self._started.set()
+                if first:
+                    first = False
+                    self._ready.wait()
+        except threading.BrokenBarrierError:
+            pass
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            self._errors.append(err)
+            self._ready.abort()
 
     def __enter__(self) -> "_Load":
-        if self._runs:
-            self._thread.start()
-            self._started.wait()
+        for thread in self._threads:
+            thread.start()
+        if self._ready is not None:
+            try:
+                self._ready.wait()
+            except threading.BrokenBarrierError:
+                self.__exit__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        if self._runs:
-            self._thread.join()
+        for thread in self._threads:
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
 
 
 def measure_stage_costs(stages: Sequence[Any], x: Any, repeats: int = 10, calls: int = 3,
@@ -133,8 +147,8 @@ def measure_stage_costs(stages: Sequence[Any], x: Any, repeats: int = 10, calls:
     hardware (logical CPU devices on the same cores) are slower then than
     alone; separate GPUs are not, and both ways give the same costs::
 
-        timed stage 0:  |F F F F ... (repeats)|
-        load:           |1F1B 1F1B 1F1B 1F1B 1F1B ...|    (stage 1, until the timing ends)
+        timed stage 0:  |F F F F ... (repeats)|FB FB FB FB ... (repeats)|
+        load, stage 1:  |FB FB FB FB FB FB FB FB FB FB FB FB FB FB FB FB ...|  (one thread per other stage)
 
     Args:
         stages: :class:`pipeline.stage.Stage` objects (layer and device), built.

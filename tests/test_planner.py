@@ -114,6 +114,15 @@ def test_load_runs_the_other_stages_only_inside_the_block():
         pass
 
 
+def test_load_raises_a_failing_stage_instead_of_hanging():
+    def broken():
+        raise RuntimeError("stage 1 failed")
+
+    with pytest.raises(RuntimeError, match="stage 1 failed"):
+        with planner._Load([broken, lambda: time.sleep(0.001)]):
+            pass
+
+
 def test_costs_under_load_and_alone():
     x = np.ones((4, 8), np.float32)
     for under_load in (True, False):
