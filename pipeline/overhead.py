@@ -1,11 +1,12 @@
 """Step overhead: the time a real training step spends outside the schedule's stage actions.
 
 The simulator places forward and backward actions; a real ``fit`` step also
-feeds the batch, splits and merges micro-batches, computes the loss and
-metrics on the merged output, applies the optimizer and dispatches the
-executor. That work does not depend on the schedule or on M, so it is
-measured once, on the unpipelined step (M=1) of the same stages, same data
-and same devices, and added to every simulated makespan::
+feeds the batch, computes the loss and metrics on the whole output, applies
+the optimizer and runs Keras' step loop. That per-step work does not depend
+on the schedule or on M, so it is measured once, on the unpipelined step
+(M=1) of the same stages, same data and same devices, and added to every
+simulated makespan (per-micro-batch work, such as slicing the batch and
+dispatching each action, is not in it)::
 
     real step (M=1):  |feed|F0 F1 ... B1 B0|optimizer, loss, metrics|
     simulated (M=1):       |F0 F1 ... B1 B0|
@@ -24,18 +25,27 @@ from pipeline import simulate as sim
 
 
 def _step_timer() -> Any:
-    """A Keras callback that stamps the end of every training batch."""
+    """A Keras callback that stamps the end of every training batch (or group of batches)."""
     import keras
 
     class StepTimer(keras.callbacks.Callback):
         def __init__(self) -> None:
             super().__init__()
-            self.ends: list[float] = []
+            self.ends: list[tuple[int, float]] = []
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-            self.ends.append(time.perf_counter())
+            self.ends.append((batch, time.perf_counter()))
 
     return StepTimer()
+
+
+def _as_tuples(data: Any) -> Any:
+    """Lists -> tuples, recursively: ``tf.data`` would stack a list of inputs into one tensor."""
+    if isinstance(data, (list, tuple)):
+        return tuple(_as_tuples(item) for item in data)
+    if isinstance(data, dict):
+        return {key: _as_tuples(value) for key, value in data.items()}
+    return data
 
 
 def time_fit_step(model: Any, x: Any, y: Any, steps: int, calls: int = 3) -> float:
@@ -45,7 +55,8 @@ def time_fit_step(model: Any, x: Any, y: Any, steps: int, calls: int = 3) -> flo
     batch, the compiled step, callbacks) but not the per-call set-up and
     teardown: ending a ``fit`` call deletes its ``tf.data`` iterator, which
     here took 0 or ~250 ms at random and, divided over a few steps, made step
-    times bimodal.
+    times bimodal. With ``steps_per_execution`` > 1 Keras reports once per
+    group of steps; each gap is divided by the steps it covers.
 
     Args:
         model: a compiled Keras model (a :class:`pipeline.model.PipelineModel` or not).
@@ -54,33 +65,62 @@ def time_fit_step(model: Any, x: Any, y: Any, steps: int, calls: int = 3) -> flo
         steps: steps per timed fit (the batch is fed ``steps + 1`` times from memory, so
             the gaps leave out input-pipeline work; add that from your own input pipeline).
         calls: timed fits; the median over all their gaps is kept.
+
+    Raises:
+        ValueError: when the fits report fewer than two batch ends (``steps`` too small
+            for the model's ``steps_per_execution``).
     """
     import tensorflow as tf
 
-    model.fit(tf.data.Dataset.from_tensors((x, y)), epochs=1, verbose=0, shuffle=False)  # trace, warm up
-    data = tf.data.Dataset.from_tensors((x, y)).repeat(steps + 1)
+    batch = _as_tuples((x, y))
+    model.fit(tf.data.Dataset.from_tensors(batch), epochs=1, verbose=0, shuffle=False)  # trace, warm up
+    data = tf.data.Dataset.from_tensors(batch).repeat(steps + 1)
     gaps: list[float] = []
     for _ in range(calls):
         timer = _step_timer()
         model.fit(data, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
-        gaps.extend(b - a for a, b in zip(timer.ends, timer.ends[1:]))
+        gaps.extend((t1 - t0) / (b1 - b0) for (b0, t0), (b1, t1) in zip(timer.ends, timer.ends[1:]) if b1 > b0)
+    if not gaps:
+        raise ValueError(f"time_fit_step: steps={steps} gave fewer than two batch ends per fit; use steps of at "
+                         "least 2 x the model's steps_per_execution")
     return float(statistics.median(gaps))
 
 
 def _unpipelined_twin(model: Any) -> Any:
-    """A PipelineModel over the same stage layers and devices with M=1, compiled like ``model``."""
+    """A PipelineModel over the same stage layers and devices with M=1, compiled like ``model``.
+
+    The twin has its own optimizer (same settings) and no ``gradient_reducer``:
+    it runs in this process only, so a replicated model's all-reduce is not in
+    the measured overhead (and a collective on one rank alone would wait forever).
+
+    Raises:
+        SettingError: when the optimizer cannot be rebuilt from its config.
+    """
+    import warnings
+
     import keras
 
+    from pipeline.errors import SettingError
     from pipeline.model import PipelineModel
 
     stages = model.stages
+    # GPipe at M=1 runs the actions in the same order as any schedule does, and is what gets subtracted.
     twin = PipelineModel([s.layer for s in stages], devices=[s.device for s in stages], microbatches=1,
-                         schedule=model.executor.generator, recompute=[s.recompute for s in stages])
+                         schedule="gpipe", recompute=[s.recompute for s in stages])
     try:  # same optimizer settings, loss and metrics (fresh objects: nothing shared with ``model``)
         twin.compile(**keras.saving.deserialize_keras_object(model.get_compile_config()))
-    except (TypeError, ValueError):  # custom objects that do not serialize: optimizer and loss only
-        twin.compile(optimizer=keras.optimizers.deserialize(keras.optimizers.serialize(model.optimizer)),
-                     loss=model.loss)
+        return twin
+    except Exception as err:  # noqa: BLE001 - any custom object that does not round-trip its config
+        reason = err
+    try:
+        optimizer = type(model.optimizer).from_config(model.optimizer.get_config())
+    except Exception as err:  # noqa: BLE001
+        raise SettingError(
+            f"cannot measure the step overhead: the model's compile settings do not round-trip through their "
+            f"config ({reason}) and neither does the optimizer ({err}); give it with --overhead SECONDS") from err
+    warnings.warn(f"step overhead: compile settings do not round-trip through their config ({reason}); the M=1 "
+                  "step is timed with the optimizer and loss only, without metrics", stacklevel=3)
+    twin.compile(optimizer=optimizer, loss=model.loss)
     return twin
 
 
@@ -89,8 +129,9 @@ def measure_step_overhead(model: Any, x: Any, y: Any, stage_costs: Sequence[sim.
     """Seconds a real step spends outside the stage actions, from the unpipelined (M=1) step.
 
     Runs ``fit`` on a twin of ``model`` with M=1 (same layers, devices, optimizer
-    settings, loss and metrics) and subtracts the simulated M=1 step. The
-    layers' weights are restored afterwards.
+    settings, loss and metrics; no gradient reducer) and subtracts the
+    simulated M=1 step. Every variable of the layers (weights, BatchNorm
+    statistics, dropout seed states) is restored afterwards.
 
     Args:
         model: a compiled, built :class:`pipeline.model.PipelineModel`.
@@ -106,11 +147,12 @@ def measure_step_overhead(model: Any, x: Any, y: Any, stage_costs: Sequence[sim.
         The overhead in seconds, at least 0.
     """
     twin = _unpipelined_twin(model)
-    saved = [s.layer.get_weights() for s in model.stages]
+    variables = [v for stage in model.stages for v in stage.layer.variables]
+    saved = [v.numpy() for v in variables]
     try:
         real = time_fit_step(twin, x, y, steps, calls)
     finally:
-        for stage, weights in zip(model.stages, saved):
-            stage.layer.set_weights(weights)
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
     simulated = sim.simulate(sched.get("gpipe")(len(stage_costs), 1), stage_costs).makespan
     return max(0.0, real - simulated)

@@ -118,8 +118,12 @@ class _Load:
         if self._ready is not None:
             try:
                 self._ready.wait()
-            except threading.BrokenBarrierError:
+            except threading.BrokenBarrierError:  # a load thread failed: raise its error
                 self.__exit__()
+            except BaseException:  # e.g. KeyboardInterrupt: release the threads, then re-raise
+                self._ready.abort()
+                self.__exit__()
+                raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -142,7 +146,7 @@ def measure_stage_costs(stages: Sequence[Any], x: Any, repeats: int = 10, calls:
     timed as forward+backward minus forward.
 
     ``under_load`` times each stage while the other stages run their own
-    forward+backward loops on their devices from a background thread: the
+    forward+backward loops on their devices from background threads: the
     steady state of a pipeline, where every device is busy. Devices that share
     hardware (logical CPU devices on the same cores) are slower then than
     alone; separate GPUs are not, and both ways give the same costs::

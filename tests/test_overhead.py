@@ -11,7 +11,7 @@ from pipeline.model import PipelineModel
 
 def _pipeline(metrics=None):
     keras.utils.set_random_seed(0)
-    a = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu")])
+    a = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dropout(0.3)])
     b = keras.Sequential([keras.Input((16,)), keras.layers.Dense(4)])
     model = PipelineModel([a, b], devices=["/CPU:0", "/CPU:1"], microbatches=4, schedule="gpipe")
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse", metrics=metrics)
@@ -44,17 +44,46 @@ def test_time_fit_step_counts_steps_between_batch_ends():
     assert seen == [0, 0, 1, 2, 3, 0, 1, 2, 3]
 
 
+def test_time_fit_step_divides_gaps_by_steps_per_execution():
+    model = _pipeline()
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse", steps_per_execution=2)
+    x, y = _data()
+    ends = []
+
+    class Stamp(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            ends.append(batch)
+
+    original = model.fit
+    model.fit = lambda *a, callbacks=None, **k: original(*a, callbacks=(callbacks or []) + [Stamp()], **k)
+    assert overhead.time_fit_step(model, x, y, steps=5, calls=1) > 0
+    assert ends[-3:] == [1, 3, 5]  # one report per 2 steps: gaps cover 2 steps each
+    with pytest.raises(ValueError, match="fewer than two batch ends"):
+        overhead.time_fit_step(model, x, y, steps=1, calls=1)
+
+
+def test_time_fit_step_keeps_a_list_of_inputs_a_list():
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((3,)), keras.Input((5,))
+    out = keras.layers.Dense(2)(keras.layers.Concatenate()([a, b]))
+    model = keras.Model([a, b], out)
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(0)
+    x = [rng.normal(size=(4, 3)).astype("float32"), rng.normal(size=(4, 5)).astype("float32")]
+    assert overhead.time_fit_step(model, x, np.zeros((4, 2), "float32"), steps=2, calls=1) > 0
+
+
 def test_step_overhead_is_the_m1_step_minus_its_simulated_actions_and_restores_weights():
     model = _pipeline(metrics=["mae"])
     x, y = _data()
     model.fit(x, y, batch_size=16, verbose=0)
-    before = [w.copy() for s in model.stages for w in s.layer.get_weights()]
+    before = [v.numpy().copy() for s in model.stages for v in s.layer.variables]
     iterations = int(model.optimizer.iterations.numpy())
     zero = [sim.StageCost(0.0, 0.0), sim.StageCost(0.0, 0.0)]
     whole_step = overhead.measure_step_overhead(model, x, y, zero, steps=3, calls=1)
     assert whole_step > 0  # nothing subtracted: the whole M=1 step
     assert overhead.measure_step_overhead(model, x, y, [sim.StageCost(10.0, 10.0)] * 2, steps=3, calls=1) == 0.0
-    after = [w for s in model.stages for w in s.layer.get_weights()]
+    after = [v.numpy() for s in model.stages for v in s.layer.variables]
     assert all(np.array_equal(a, b) for a, b in zip(before, after))  # the twin's SGD steps (lr 0.5) were undone
     assert int(model.optimizer.iterations.numpy()) == iterations  # the twin had its own optimizer
 
@@ -72,3 +101,18 @@ def test_unpipelined_twin_shares_layers_devices_and_compile_settings():
     logs = twin.fit(x, y, batch_size=16, verbose=0).history
     assert set(logs) == {"loss", "mae"}
 
+
+
+def test_twin_without_a_serializable_compile_config_keeps_optimizer_and_loss(monkeypatch):
+    model = _pipeline(metrics=["mae"])
+    monkeypatch.setattr(model, "get_compile_config", lambda: (_ for _ in ()).throw(RuntimeError("custom metric")))
+    with pytest.warns(UserWarning, match="without metrics"):
+        twin = overhead._unpipelined_twin(model)
+    assert twin.optimizer is not model.optimizer and twin.loss == "mse"
+
+
+def test_twin_runs_gpipe_without_the_gradient_reducer():
+    model = _pipeline()
+    model.gradient_reducer = lambda grads, variables: grads
+    twin = overhead._unpipelined_twin(model)
+    assert twin.executor.schedule_name == "gpipe" and twin.gradient_reducer is None

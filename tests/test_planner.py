@@ -114,6 +114,7 @@ def test_load_runs_the_other_stages_only_inside_the_block():
         pass
 
 
+@pytest.mark.timeout(60)
 def test_load_raises_a_failing_stage_instead_of_hanging():
     def broken():
         raise RuntimeError("stage 1 failed")
@@ -123,11 +124,20 @@ def test_load_raises_a_failing_stage_instead_of_hanging():
             pass
 
 
-def test_costs_under_load_and_alone():
+@pytest.mark.parametrize("under_load", [True, False])
+def test_costs_under_load_time_each_stage_beside_the_others(monkeypatch, under_load):
+    loads = []
+    real_load = planner._Load
+
+    def recording_load(runs):
+        loads.append(len(runs))
+        return real_load(runs)
+
+    monkeypatch.setattr(planner, "_Load", recording_load)
     x = np.ones((4, 8), np.float32)
-    for under_load in (True, False):
-        costs = planner.measure_stage_costs(_stages(), x, repeats=2, calls=1, under_load=under_load)
-        assert len(costs) == 2 and all(c.forward > 0 and c.backward >= 0 for c in costs)
+    costs = planner.measure_stage_costs(_stages(), x, repeats=2, calls=1, under_load=under_load)
+    assert len(costs) == 2 and all(c.forward > 0 and c.backward >= 0 for c in costs)
+    assert loads == ([1, 1] if under_load else [0, 0])  # K=2: the other stage runs while each is timed
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
@@ -159,7 +169,8 @@ def test_cli_with_a_config_measures_overhead_costs_and_a_real_timeline(tmp_path,
     text = capsys.readouterr().out
     assert "step overhead" in text and "measured stage actions" in text
     report = json.loads(out.read_text())
-    assert report["overhead"] >= 0 and report["microbatches"] == 2
+    assert isinstance(report["overhead"], float) and report["microbatches"] == 2
+    assert "step overhead %.4f s" % report["overhead"] in text
     step = next(r["step"] for r in report["rows"] if r["schedule"] == report["schedule"] and r["microbatches"] == 2)
     assert step == pytest.approx(report["predicted"]["makespan"] + report["overhead"])
     assert len(report["measured"]["timeline"]) == 8  # 2 stages x 2 micro-batches x (F, B)
