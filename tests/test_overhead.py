@@ -23,41 +23,48 @@ def _data():
     return rng.normal(size=(16, 8)).astype("float32"), rng.normal(size=(16, 4)).astype("float32")
 
 
-def test_time_fit_step_counts_steps_between_batch_ends():
-    model = _pipeline()
-    x, y = _data()
+def _record_batch_ends(model):
+    """Adds a callback to every ``model.fit`` call that records the batch indices Keras reports."""
     seen = []
 
-    class Count(keras.callbacks.Callback):
+    class Record(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             seen.append(batch)
 
     original = model.fit
+    model.fit = lambda *a, callbacks=None, **k: original(*a, callbacks=(callbacks or []) + [Record()], **k)
+    return seen
 
-    def fit(*args, callbacks=None, **kwargs):
-        return original(*args, callbacks=(callbacks or []) + [Count()], **kwargs)
 
-    model.fit = fit
-    step = overhead.time_fit_step(model, x, y, steps=3, calls=2)
-    assert step > 0
+class _Clock:
+    """``time`` stand-in whose ``perf_counter`` advances by 1.0 per call (one call per batch end)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+
+def test_time_fit_step_counts_steps_between_batch_ends(monkeypatch):
+    model = _pipeline()
+    x, y = _data()
+    seen = _record_batch_ends(model)
+    monkeypatch.setattr(overhead, "time", _Clock())
+    assert overhead.time_fit_step(model, x, y, steps=3, calls=2) == 1.0  # one clock tick per step
     # One warm-up fit of 1 step, then 2 timed fits of steps + 1 = 4 batches (3 gaps each).
     assert seen == [0, 0, 1, 2, 3, 0, 1, 2, 3]
 
 
-def test_time_fit_step_divides_gaps_by_steps_per_execution():
+def test_time_fit_step_divides_gaps_by_steps_per_execution(monkeypatch):
     model = _pipeline()
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse", steps_per_execution=2)
     x, y = _data()
-    ends = []
-
-    class Stamp(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            ends.append(batch)
-
-    original = model.fit
-    model.fit = lambda *a, callbacks=None, **k: original(*a, callbacks=(callbacks or []) + [Stamp()], **k)
-    assert overhead.time_fit_step(model, x, y, steps=5, calls=1) > 0
-    assert ends[-3:] == [1, 3, 5]  # one report per 2 steps: gaps cover 2 steps each
+    seen = _record_batch_ends(model)
+    monkeypatch.setattr(overhead, "time", _Clock())
+    assert overhead.time_fit_step(model, x, y, steps=5, calls=1) == 0.5  # one tick per report of 2 steps
+    assert seen[-3:] == [1, 3, 5]
     with pytest.raises(ValueError, match="fewer than two batch ends"):
         overhead.time_fit_step(model, x, y, steps=1, calls=1)
 
