@@ -86,8 +86,7 @@ def point_step(p: dict[str, Any]) -> dict[str, Any]:
         rows = sched.get(p.get("schedule", "1f1b"))(k, p["m"])
         costs = measure_stage_costs(model.stages, micro, repeats=8, calls=5)
         alone = measure_stage_costs(model.stages, micro, repeats=8, calls=5, under_load=False)
-        whole = measure_stage_costs(model.stages, x, repeats=2, calls=5, under_load=False)
-        step_overhead = measure_step_overhead(model, x, y, whole, steps=p["steps"], calls=5)
+        step_overhead = measure_step_overhead(model, x, y, steps=p["steps"], calls=5)
         result["makespan"] = sim.simulate(rows, costs).makespan
         result["makespan_alone"] = sim.simulate(rows, alone).makespan
         result["overhead"] = step_overhead

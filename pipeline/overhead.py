@@ -4,24 +4,21 @@ The simulator places forward and backward actions; a real ``fit`` step also
 feeds the batch, computes the loss and metrics on the whole output, applies
 the optimizer and runs Keras' step loop. That per-step work does not depend
 on the schedule or on M, so it is measured once, on the unpipelined step
-(M=1) of the same stages, same data and same devices, and added to every
-simulated makespan (per-micro-batch work, such as slicing the batch and
-dispatching each action, is not in it)::
+(M=1) of the same stages, same data and same devices, as the difference of
+two real steps, and added to every simulated makespan::
 
-    real step (M=1):  |feed|F0 F1 ... B1 B0|optimizer, loss, metrics|
-    simulated (M=1):       |F0 F1 ... B1 B0|
-    overhead       =  real step - simulated     (>= 0)
-    predicted(M)   =  simulated makespan(schedule, M) + overhead
+    fit step (M=1):       |feed|F0 F1 B1 B0|loss, metrics, optimizer, Keras|
+    executor step (M=1):       |F0 F1 B1 B0|
+    overhead           =  fit step - executor step     (>= 0)
+    predicted(M)       =  simulated makespan(schedule, M) + overhead
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any
 
-from pipeline import schedule as sched
-from pipeline import simulate as sim
 
 
 def _step_timer() -> Any:
@@ -124,35 +121,34 @@ def _unpipelined_twin(model: Any) -> Any:
     return twin
 
 
-def measure_step_overhead(model: Any, x: Any, y: Any, stage_costs: Sequence[sim.StageCost], steps: int = 6,
-                          calls: int = 3) -> float:
-    """Seconds a real step spends outside the stage actions, from the unpipelined (M=1) step.
+def measure_step_overhead(model: Any, x: Any, y: Any, steps: int = 6, calls: int = 3) -> float:
+    """Seconds a real ``fit`` step spends outside the stage actions, from the unpipelined (M=1) step.
 
-    Runs ``fit`` on a twin of ``model`` with M=1 (same layers, devices, optimizer
-    settings, loss and metrics; no gradient reducer) and subtracts the
-    simulated M=1 step. Every variable of the layers (weights, BatchNorm
-    statistics, dropout seed states) is restored afterwards.
+    Times ``fit`` on a twin of ``model`` with M=1 (same layers, devices, optimizer
+    settings, loss and metrics; no gradient reducer) and the same M=1 step
+    without the optimizer, loss bookkeeping and Keras (``trace.executor_step``),
+    and returns the difference. Every variable of the layers (weights,
+    BatchNorm statistics, dropout seed states) is restored afterwards.
 
     Args:
         model: a compiled, built :class:`pipeline.model.PipelineModel`.
         x: one batch of inputs.
         y: the batch's targets.
-        stage_costs: forward/backward seconds of each stage on the WHOLE batch, each
-            stage alone (``planner.measure_stage_costs(stages, x, under_load=False)``):
-            an M=1 step runs one stage at a time.
-        steps: steps per timed fit.
+        steps: steps per timed fit (and 3 x as many timed executor steps).
         calls: timed fits (median kept).
 
     Returns:
         The overhead in seconds, at least 0.
     """
+    from pipeline.trace import _median_time, executor_step
+
     twin = _unpipelined_twin(model)
     variables = [v for stage in model.stages for v in stage.layer.variables]
     saved = [v.numpy() for v in variables]
     try:
         real = time_fit_step(twin, x, y, steps, calls)
+        bare = _median_time(executor_step(model.stages, x, y, model.loss, "gpipe", 1), 3 * steps)
     finally:
         for variable, value in zip(variables, saved):
             variable.assign(value)
-    simulated = sim.simulate(sched.get("gpipe")(len(stage_costs), 1), stage_costs).makespan
-    return max(0.0, real - simulated)
+    return max(0.0, real - bare)

@@ -299,8 +299,8 @@ def _from_config(args: argparse.Namespace) -> dict[str, Any]:
     if overhead is None:
         from pipeline.overhead import measure_step_overhead
 
-        overhead = measure_step_overhead(built.pipeline, x, y, costs_for(1), steps=args.steps)
-        print(f"step overhead {overhead:.4f} s: a real M=1 step minus its simulated stage actions "
+        overhead = measure_step_overhead(built.pipeline, x, y, steps=args.steps)
+        print(f"step overhead {overhead:.4f} s: a real M=1 fit step minus the same step's stage actions alone "
               "(optimizer, loss, metrics, Keras); added to every predicted step")
 
     loss = built.pipeline.loss if not isinstance(built.pipeline.loss, str) else tf.keras.losses.get(cfg.loss)

@@ -120,14 +120,13 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(s, e) for s, e in out]
 
 
-def run_measured(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: str, num_microbatches: int,
-                 steps: int = 5) -> tuple[float, list[sim.Interval], dict[str, Any]]:
-    """Runs real pipelined steps (forward and backward, no optimizer update), then one under the profiler.
+def executor_step(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: str,
+                  num_microbatches: int) -> Callable[[], Any]:
+    """A compiled pipelined step without the optimizer: every micro-batch forward and back, as ``fit`` runs it.
 
     Returns:
-        The median step time (seconds, wall clock around the ``tf.function``
-        call, unprofiled), the timeline of the profiled step (see
-        :func:`trace_actions`) and its thread statistics.
+        A function of no arguments running one step (traced on its first call),
+        returning the loss and the accumulated gradients.
     """
     import keras
     import tensorflow as tf
@@ -145,11 +144,26 @@ def run_measured(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: str
         result = executor.train(inp, loss_fn)
         return result.loss, result.gradients
 
-    elapsed = _median_time(lambda: step(x), steps)
+    return lambda: step(x)
+
+
+def run_measured(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: str, num_microbatches: int,
+                 steps: int = 5) -> tuple[float, list[sim.Interval], dict[str, Any]]:
+    """Runs real pipelined steps (forward and backward, no optimizer update), then one under the profiler.
+
+    Returns:
+        The median step time (seconds, wall clock around the ``tf.function``
+        call, unprofiled), the timeline of the profiled step (see
+        :func:`trace_actions`) and its thread statistics.
+    """
+    import tensorflow as tf
+
+    step = executor_step(stages, x, y, loss, schedule, num_microbatches)
+    elapsed = _median_time(step, steps)
     logdir = tempfile.mkdtemp(prefix="pipeline-trace-")
     tf.profiler.experimental.start(logdir)
     try:
-        _wait(step(x))
+        _wait(step())
     finally:
         tf.profiler.experimental.stop()
     timeline, threads = trace_actions(logdir)

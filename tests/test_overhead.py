@@ -4,8 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import overhead
-from pipeline import simulate as sim
+from pipeline import overhead, trace
 from pipeline.model import PipelineModel
 
 
@@ -80,16 +79,32 @@ def test_time_fit_step_keeps_a_list_of_inputs_a_list():
     assert overhead.time_fit_step(model, x, np.zeros((4, 2), "float32"), steps=2, calls=1) > 0
 
 
-def test_step_overhead_is_the_m1_step_minus_its_simulated_actions_and_restores_weights():
+def test_step_overhead_is_the_fit_step_minus_the_bare_executor_step(monkeypatch):
+    model = _pipeline()
+    x, y = _data()
+    model.fit(x, y, batch_size=16, verbose=0)
+    ran = []
+
+    def bare_step_time(step, repeats):
+        ran.append(step())  # the executor step really runs: loss and gradients of the M=1 step
+        return 0.004
+
+    monkeypatch.setattr(overhead, "time_fit_step", lambda twin, *a, **k: 0.010 if twin.microbatches == 1 else 1.0)
+    monkeypatch.setattr(trace, "_median_time", bare_step_time)
+    assert overhead.measure_step_overhead(model, x, y, steps=2, calls=1) == pytest.approx(0.006)
+    loss, grads = ran[0]
+    assert float(loss) > 0 and len(grads) == 2  # one gradient list per stage
+    monkeypatch.setattr(trace, "_median_time", lambda step, repeats: 0.02)
+    assert overhead.measure_step_overhead(model, x, y, steps=2, calls=1) == 0.0  # never negative
+
+
+def test_step_overhead_restores_every_variable_and_leaves_the_optimizer_alone():
     model = _pipeline(metrics=["mae"])
     x, y = _data()
     model.fit(x, y, batch_size=16, verbose=0)
     before = [v.numpy().copy() for s in model.stages for v in s.layer.variables]
     iterations = int(model.optimizer.iterations.numpy())
-    zero = [sim.StageCost(0.0, 0.0), sim.StageCost(0.0, 0.0)]
-    whole_step = overhead.measure_step_overhead(model, x, y, zero, steps=3, calls=1)
-    assert whole_step > 0  # nothing subtracted: the whole M=1 step
-    assert overhead.measure_step_overhead(model, x, y, [sim.StageCost(10.0, 10.0)] * 2, steps=3, calls=1) == 0.0
+    overhead.measure_step_overhead(model, x, y, steps=3, calls=1)  # runs real twin fits (SGD, lr 0.5)
     after = [v.numpy() for s in model.stages for v in s.layer.variables]
     assert all(np.array_equal(a, b) for a, b in zip(before, after))  # the twin's SGD steps (lr 0.5) were undone
     assert int(model.optimizer.iterations.numpy()) == iterations  # the twin had its own optimizer
