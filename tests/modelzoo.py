@@ -1,4 +1,4 @@
-"""Small models for the equivalence tests: a CNN and a functional model with a residual block."""
+"""Small models for the tests: a CNN, a functional model with a residual block, a two-stage MLP."""
 
 import keras
 import numpy as np
@@ -42,3 +42,14 @@ def data(kind: str, n: int = 16, seed: int = 0):
 
 def loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def two_stage_mlp(inputs: int, hidden: tuple[int, int], cut: int, outputs: int, seed: int = 0,
+                  names: tuple[str, str] = ("a", "b")) -> list[keras.Model]:
+    """Two Sequential stages: inputs -> hidden[0] (tanh) -> cut (relu) | cut -> hidden[1] (tanh) -> outputs."""
+    keras.utils.set_random_seed(seed)
+    first = keras.Sequential([keras.Input((inputs,)), keras.layers.Dense(hidden[0], activation="tanh"),
+                              keras.layers.Dense(cut, activation="relu")], name=names[0])
+    second = keras.Sequential([keras.Input((cut,)), keras.layers.Dense(hidden[1], activation="tanh"),
+                               keras.layers.Dense(outputs)], name=names[1])
+    return [first, second]

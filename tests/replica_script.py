@@ -11,17 +11,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from modelzoo import two_stage_mlp  # noqa: E402
 from pipeline import PipelineModel, replicas  # noqa: E402
 
 
 def make_stages(seed: int) -> list[keras.Model]:
     """Two small stages; the seed decides the initial weights."""
-    keras.utils.set_random_seed(seed)
-    first = keras.Sequential([keras.Input((6,)), keras.layers.Dense(12, activation="tanh"),
-                              keras.layers.Dense(8, activation="relu")], name="stage0")
-    second = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, activation="tanh"),
-                               keras.layers.Dense(3)], name="stage1")
-    return [first, second]
+    return two_stage_mlp(6, (12, 8), 8, 3, seed, names=("stage0", "stage1"))
 
 
 def make_data(n: int) -> tuple[np.ndarray, np.ndarray]:

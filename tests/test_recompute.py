@@ -6,18 +6,14 @@ import pytest
 import tensorflow as tf
 
 import pipeline
+from modelzoo import two_stage_mlp
 from pipeline import recompute
 from pipeline.model import PipelineModel
 from pipeline.verify import verify
 
 
 def _mlp(seed=0):
-    keras.utils.set_random_seed(seed)
-    a = keras.Sequential([keras.Input((12,)), keras.layers.Dense(16, activation="tanh"),
-                          keras.layers.Dense(16, activation="relu")], name="a")
-    b = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, activation="tanh"),
-                          keras.layers.Dense(10)], name="b")
-    return [a, b]
+    return two_stage_mlp(12, (16, 16), 16, 10, seed)
 
 
 def _stateful(seed=0):
