@@ -9,7 +9,6 @@ starts); each returns a JSON-friendly dictionary::
 from __future__ import annotations
 
 import resource
-import time
 from typing import Any
 
 from pipeline import simulate as sim
@@ -67,10 +66,11 @@ def point_step(p: dict[str, Any]) -> dict[str, Any]:
     result["rss_mb"] = peak_rss_mb()
     result["tf_peak_mb"] = _tf_step_peak_mb(lambda: model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
                                                                shuffle=False))
-    if p.get("efficiency") and p["mode"] == "pipeline":
-        from pipeline import microbatch as mb_lib
-        from pipeline.planner import measure_stage_costs
+    from pipeline import microbatch as mb_lib
+    from pipeline import schedule as sched
+    from pipeline.planner import contention_factor, measure_stage_costs, run_measured
 
+    if p.get("efficiency") and p["mode"] == "pipeline":
         def work(inp: Any) -> float:
             return sum(c.forward + c.backward
                        for c in measure_stage_costs(model.stages, inp, repeats=3, under_load=False))
@@ -78,10 +78,6 @@ def point_step(p: dict[str, Any]) -> dict[str, Any]:
         # Same work cut into M pieces: small matmuls re-read the weights per piece and run less efficiently.
         result["efficiency"] = work(x) / (p["m"] * work(mb_lib.split(x, p["m"])[0]))
     if p.get("predict"):
-        from pipeline import microbatch as mb_lib
-        from pipeline import schedule as sched
-        from pipeline.planner import contention_factor, measure_stage_costs, run_measured
-
         micro = mb_lib.split(x, p["m"])[0]
         rows = sched.get(p.get("schedule", "1f1b"))(k, p["m"])
         costs = measure_stage_costs(model.stages, micro, repeats=8, calls=5)

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import pipeline
 from modelzoo import two_stage_mlp
 from pipeline import recompute
 from pipeline.model import PipelineModel
