@@ -32,4 +32,4 @@ HOROVODRUN=${HOROVODRUN:-$(dirname "$(command -v "$PYTHON")")/horovodrun}
 [ -n "$HOROVODRUN" ] || { echo "error: horovodrun not found next to $PYTHON nor on PATH" >&2; exit 3; }
 
 echo "[replicas] $N replicas of the pipeline with $HOROVODRUN" >&2
-exec "$HOROVODRUN" -np "$N" -H "localhost:$N" "$PYTHON" -m pipeline.cli train "$CONFIG" "$@"
+exec "$HOROVODRUN" -np "$N" -H "localhost:$N" "$PYTHON" -m pipeline train "$CONFIG" "$@"

@@ -29,4 +29,4 @@ else
     echo "[single_node] no GPU: CPU fallback (one logical CPU device per stage)" >&2
 fi
 # exec: SIGTERM/SIGUSR1 reach the trainer directly (it checkpoints and exits 75).
-exec "$PYTHON" -m pipeline.cli train "$CONFIG" "$@"
+exec "$PYTHON" -m pipeline train "$CONFIG" "$@"

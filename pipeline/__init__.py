@@ -1,20 +1,45 @@
-"""Pipeline-parallel training for TensorFlow 2 and Keras 3."""
+"""Pipeline-parallel training for TensorFlow 2 and Keras 3 (the public names load lazily, on first use).
 
-import os as _os
+``import pipeline`` imports nothing heavy and writes no environment; the one documented exception: with
+``PIPELINE_CPU_DEVICES=K`` set, it starts TensorFlow and creates K logical CPU devices (tests, CPU runs).
+"""
 
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of progress output
+from __future__ import annotations
 
-from pipeline import devices as _devices  # noqa: E402
+import importlib
+from typing import Any
 
-_devices._setup_from_env()  # PIPELINE_CPU_DEVICES=K: create K logical CPUs before TF starts
+from pipeline.core import runtime as _runtime
 
-from pipeline import schedule as schedules  # noqa: E402
-from pipeline import simulate  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.model import PipelineModel  # noqa: E402
-from pipeline.partition import split  # noqa: E402
-from pipeline.stage import Stage  # noqa: E402
-from pipeline.verify import verify  # noqa: E402
+_PUBLIC = {
+    "PipelineModel": ("pipeline.core.model", "PipelineModel"),
+    "Stage": ("pipeline.core.stage", "Stage"),
+    "split": ("pipeline.core.partition", "split"),
+    "verify": ("pipeline.core.verify", "verify"),
+    "schedules": ("pipeline.core.schedule", None),
+    "devices": ("pipeline.core.devices", None),
+    "simulate": ("pipeline.perf.simulate", None),
+    "load_config": ("pipeline.train.config", "load_config"),
+    "PipelineError": ("pipeline.errors", "PipelineError"),
+}
 
-__all__ = ["PipelineModel", "Stage", "load_config", "schedules", "simulate", "split", "verify"]
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """Loads a public name on first use (``pipeline.PipelineModel``, ``pipeline.split``, ...)."""
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    module_name, attr = _PUBLIC[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_PUBLIC))
+
+
+_runtime.cpu_devices_from_env()

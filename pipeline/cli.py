@@ -1,4 +1,4 @@
-"""The ``pipeline`` command: one sub-command per module (demo, train, evaluate, predict, plan, bench, worker)."""
+"""The ``pipeline`` command (also ``python -m pipeline``): sub-commands from :mod:`pipeline.commands`, one exit path."""
 
 from __future__ import annotations
 
@@ -7,16 +7,18 @@ import importlib
 import sys
 from typing import Sequence
 
-from pipeline.errors import PipelineError
-
 COMMAND_MODULES = (
-    "pipeline.demo",      # pipeline demo
-    "pipeline.runner",    # pipeline train | evaluate | predict
-    "pipeline.planner",   # pipeline plan
-    "pipeline.bench",     # pipeline bench
-    "pipeline.worker",    # pipeline worker
+    "pipeline.commands.demo",     # pipeline demo
+    "pipeline.commands.train",    # pipeline train | evaluate | predict
+    "pipeline.commands.plan",     # pipeline plan
+    "pipeline.commands.bench",    # pipeline bench
+    "pipeline.commands.worker",   # pipeline worker
 )
 """Each module defines ``register(subparsers)``, adding its sub-commands with ``func=`` defaults."""
+
+EXIT_OK, EXIT_USAGE = 0, 2
+"""Exit codes: 0 done; 2 bad input (config, arguments, setup), printed as one line without a traceback.
+A command may return another code of its own (75: preempted after a checkpoint, rerun to resume)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,28 +28,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:
-                continue  # that command is not part of this build
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``pipeline`` console script; returns the exit code."""
+    """Entry point of the ``pipeline`` console script; returns the exit code.
+
+    Every :class:`pipeline.errors.PipelineError` (bad config, setting, data, device, cluster...) ends here
+    as one line ``pipeline <command>: <kind>: <message>`` on stderr and exit code 2.
+    """
+    from pipeline.core import runtime
+    from pipeline.errors import ConfigError, PipelineError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
-        return int(args.func(args) or 0)
+        runtime.start_tensorflow_quietly()  # before any command imports it: no C++ start-up noise
+        runtime.cpu_devices_from_env()
+        return int(args.func(args) or EXIT_OK)
     except PipelineError as err:
-        print(f"pipeline {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        kind = "config error" if isinstance(err, ConfigError) else "error"
+        print(f"pipeline {args.command}: {kind}: {err}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

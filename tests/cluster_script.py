@@ -11,7 +11,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipeline import PipelineModel, cluster  # noqa: E402
+from pipeline import PipelineModel
+from pipeline.dist import cluster  # noqa: E402
 
 
 def make_stages() -> list[keras.Model]:

@@ -12,7 +12,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from modelzoo import two_stage_mlp  # noqa: E402
-from pipeline import PipelineModel, replicas  # noqa: E402
+from pipeline import PipelineModel
+from pipeline.dist import replicas  # noqa: E402
 
 
 def make_stages(seed: int) -> list[keras.Model]:

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import balance
+from pipeline.core import balance
 
 
 def _brute_force(costs, k):
@@ -96,7 +96,7 @@ def test_unknown_mode():
 
 
 def test_split_balanced_by_params():
-    from pipeline import partition
+    from pipeline.core import partition
 
     stages = partition.split(_uneven_model(), num_stages=2, balance="params")
     assert [layer.name for layer in stages[0].layers] == ["big"]

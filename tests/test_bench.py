@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline import bench
+from pipeline.perf import bench
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.checkpoint import PREEMPTED_EXIT_CODE, Checkpointer, find_checkpoint
-from pipeline.model import PipelineModel
+from pipeline.train.checkpoint import PREEMPTED_EXIT_CODE, Checkpointer, find_checkpoint
+from pipeline.core.model import PipelineModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "digits_cnn.yaml")
@@ -107,7 +107,7 @@ def test_find_checkpoint(tmp_path):
 # ------------------------------------------------------------------ real processes
 
 def run_train(run_dir, *overrides, env=None, **popen):
-    cmd = [sys.executable, "-m", "pipeline.cli", "train", CONFIG, "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "pipeline", "train", CONFIG, "--run-dir", str(run_dir)]
     for item in (*SMALL, *overrides):
         cmd += ["--set", item]
     full_env = {**os.environ, "PIPELINE_CPU_DEVICES": "2", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}

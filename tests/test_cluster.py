@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import cluster, worker
+from pipeline.dist import cluster
+from pipeline.dist import worker
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from pipeline.config import Config, ConfigError, apply_overrides, dump, from_dict, load_config
+from pipeline.train.config import Config, ConfigError, apply_overrides, dump, from_dict, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))

@@ -5,8 +5,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from pipeline import data
-from pipeline.config import DataConfig
+from pipeline.train import data
+from pipeline.train.config import DataConfig
 
 
 def labels(ds):

@@ -48,7 +48,7 @@ def test_uneven_batch_follows_array_split_policy():
 
 def test_verify_detects_a_wrong_cut_layer_gradient(monkeypatch):
     """A check that can fail: if the cut-layer gradient were scaled, stage 0 must be flagged."""
-    from pipeline.stage import Stage
+    from pipeline.core.stage import Stage
 
     _, stages = split_model("cnn", 2)
     x, y = data("cnn", n=8)

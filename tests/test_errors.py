@@ -6,8 +6,8 @@ import pytest
 
 import pipeline
 from modelzoo import BUILDERS, data, loss
-from pipeline import devices
-from pipeline.partition import SplitError
+from pipeline.core import devices
+from pipeline.core.partition import SplitError
 
 
 def two_stages():
@@ -128,7 +128,7 @@ def test_cli_prints_error_without_traceback(capsys):
 
 
 def test_microbatch_split_policy():
-    from pipeline import microbatch
+    from pipeline.core import microbatch
 
     assert microbatch.sizes(10, 4) == [3, 3, 2, 2]
     parts = microbatch.split({"a": np.arange(10), "b": None}, 4)

@@ -6,8 +6,9 @@ import tensorflow as tf
 
 import pipeline
 from modelzoo import BUILDERS, data
-from pipeline import Stage, microbatch
-from pipeline.executor import Executor
+from pipeline import Stage
+from pipeline.core import microbatch
+from pipeline.core.executor import Executor
 
 
 def test_readme_low_level_loop_matches_unsplit():

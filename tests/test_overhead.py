@@ -4,8 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import overhead, trace
-from pipeline.model import PipelineModel
+from pipeline.perf import overhead
+from pipeline.perf import trace
+from pipeline.core.model import PipelineModel
 
 
 def _pipeline(metrics=None):
@@ -90,11 +91,11 @@ def test_step_overhead_is_the_fit_step_minus_the_bare_executor_step(monkeypatch)
         return 0.004
 
     monkeypatch.setattr(overhead, "time_fit_step", lambda twin, *a, **k: 0.010 if twin.microbatches == 1 else 1.0)
-    monkeypatch.setattr(trace, "_median_time", bare_step_time)
+    monkeypatch.setattr(trace, "median_time", bare_step_time)
     assert overhead.measure_step_overhead(model, x, y, steps=2, calls=1) == pytest.approx(0.006)
     loss, grads = ran[0]
     assert float(loss) > 0 and len(grads) == 2  # one gradient list per stage
-    monkeypatch.setattr(trace, "_median_time", lambda step, repeats: 0.02)
+    monkeypatch.setattr(trace, "median_time", lambda step, repeats: 0.02)
     assert overhead.measure_step_overhead(model, x, y, steps=2, calls=1) == 0.0  # never negative
 
 

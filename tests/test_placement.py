@@ -6,7 +6,7 @@ import tensorflow as tf
 
 import pipeline
 from modelzoo import BUILDERS, data, loss
-from pipeline.executor import Executor
+from pipeline.core.executor import Executor
 
 
 def _index(device: str) -> int:
@@ -88,7 +88,7 @@ def test_one_f_one_b_bounds_in_flight_microbatches_by_counting():
 def test_graph_mode_devices_follow_their_schedule_rows():
     """In the compiled step, count from a profiler trace of a real run: each device runs its row in order,
     so 1F1B keeps at most K-i micro-batches in flight on stage i and GPipe all M."""
-    from pipeline.trace import run_measured
+    from pipeline.perf.trace import run_measured
 
     model = BUILDERS["cnn"][0]()
     stages = pipeline.split(model, cuts=["conv_a", "conv_b", "dense_a"])

@@ -8,10 +8,12 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import cli, planner, trace
-from pipeline import schedule as sched
-from pipeline import simulate as sim
-from pipeline.stage import Stage
+from pipeline import cli
+from pipeline.perf import measure, planner
+from pipeline.perf import trace
+from pipeline.core import schedule as sched
+from pipeline.perf import simulate as sim
+from pipeline.core.stage import Stage
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -91,7 +93,7 @@ def _stages():
 
 def test_measure_stage_costs_structure():
     x = np.ones((4, 8), np.float32)
-    costs = planner.measure_stage_costs(_stages(), x, repeats=2, calls=1)
+    costs = measure.measure_stage_costs(_stages(), x, repeats=2, calls=1)
     assert len(costs) == 2
     assert all(c.forward > 0 and c.backward >= 0 for c in costs)
 
@@ -103,14 +105,14 @@ def test_load_runs_the_other_stages_only_inside_the_block():
         calls.append(time.perf_counter())
         time.sleep(0.001)
 
-    with planner._Load([run]):
+    with measure.StageLoad([run]):
         time.sleep(0.05)
         inside = len(calls)
     after = len(calls)
     time.sleep(0.02)
     assert inside >= 2  # started before the block body, kept running during it
     assert len(calls) == after  # stopped (and joined) when the block ended
-    with planner._Load([]):  # one stage: nothing to load, no thread
+    with measure.StageLoad([]):  # one stage: nothing to load, no thread
         pass
 
 
@@ -120,22 +122,22 @@ def test_load_raises_a_failing_stage_instead_of_hanging():
         raise RuntimeError("stage 1 failed")
 
     with pytest.raises(RuntimeError, match="stage 1 failed"):
-        with planner._Load([broken, lambda: time.sleep(0.001)]):
+        with measure.StageLoad([broken, lambda: time.sleep(0.001)]):
             pass
 
 
 @pytest.mark.parametrize("under_load", [True, False])
 def test_costs_under_load_time_each_stage_beside_the_others(monkeypatch, under_load):
     loads = []
-    real_load = planner._Load
+    real_load = measure.StageLoad
 
     def recording_load(runs):
         loads.append(len(runs))
         return real_load(runs)
 
-    monkeypatch.setattr(planner, "_Load", recording_load)
+    monkeypatch.setattr(measure, "StageLoad", recording_load)
     x = np.ones((4, 8), np.float32)
-    costs = planner.measure_stage_costs(_stages(), x, repeats=2, calls=1, under_load=under_load)
+    costs = measure.measure_stage_costs(_stages(), x, repeats=2, calls=1, under_load=under_load)
     assert len(costs) == 2 and all(c.forward > 0 and c.backward >= 0 for c in costs)
     assert loads == ([1, 1] if under_load else [0, 0])  # K=2: the other stage runs while each is timed
 
@@ -144,7 +146,7 @@ def test_costs_under_load_time_each_stage_beside_the_others(monkeypatch, under_l
 def test_profiled_timeline_has_every_action(schedule):
     x = np.random.default_rng(0).normal(size=(8, 8)).astype("float32")
     y = np.random.default_rng(1).normal(size=(8, 4)).astype("float32")
-    elapsed, timeline, threads = planner.run_measured(_stages(), x, y, "mse", schedule, 4, steps=2)
+    elapsed, timeline, threads = trace.run_measured(_stages(), x, y, "mse", schedule, 4, steps=2)
     rows = sched.get(schedule)(2, 4)
     assert elapsed > 0
     assert sorted(str(iv.action) for iv in timeline) == sorted(str(a) for row in rows for a in row)

@@ -6,9 +6,9 @@ import pytest
 import tensorflow as tf
 
 from modelzoo import two_stage_mlp
-from pipeline import recompute
-from pipeline.model import PipelineModel
-from pipeline.verify import verify
+from pipeline.core import recompute
+from pipeline.core.model import PipelineModel
+from pipeline.core.verify import verify
 
 
 def _mlp(seed=0):

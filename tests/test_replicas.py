@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import replicas
+from pipeline.dist import replicas
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "replica_script.py"
@@ -125,7 +125,7 @@ RUN_ARGS = ["--set", "train.epochs=2", "--set", "train.steps_per_epoch=6", "--se
 
 
 def train_2_ranks(run_dir, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return horovodrun(2, sys.executable, "-m", "pipeline.cli", "train", "configs/digits_cnn.yaml",
+    return horovodrun(2, sys.executable, "-m", "pipeline", "train", "configs/digits_cnn.yaml",
                       "--run-dir", str(run_dir), *RUN_ARGS, *extra, env=env)
 
 

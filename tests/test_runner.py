@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from pipeline import runner
+from pipeline.train import runner
 from pipeline.cli import main
-from pipeline.config import load_config
+from pipeline.train.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,14 +138,14 @@ def test_missing_tensorboard_package_skips_logs_with_a_note(monkeypatch, capsys)
 
 
 def test_custom_model_by_module_and_function(tmp_path):
-    cfg = config("digits_cnn.yaml", "model={name: 'pipeline.models:mlp', args: {hidden: [32, 16]}}",
+    cfg = config("digits_cnn.yaml", "model={name: 'pipeline.train.models:mlp', args: {hidden: [32, 16]}}",
                  "split.cuts=[dense1]", "train.steps_per_epoch=2", "train.epochs=1")
     assert runner.train(cfg, str(tmp_path)) == 0
     check_run_folder(tmp_path)
 
 
 @pytest.mark.parametrize("name,message", [
-    ("pipeline.models:nope", r"model\.name: got 'pipeline\.models:nope'; module 'pipeline\.models' has no function"),
+    ("pipeline.train.models:nope", r"model\.name: got 'pipeline\.train\.models:nope'; module 'pipeline\.train\.models' has no function"),
     ("no_such_pkg.mod:build", r"model\.name: got 'no_such_pkg\.mod:build'; cannot import module 'no_such_pkg\.mod'"),
 ])
 def test_custom_model_not_found(tmp_path, capsys, name, message):
@@ -157,15 +157,15 @@ def test_custom_model_not_found(tmp_path, capsys, name, message):
 
 def test_custom_model_wrong_args(tmp_path, capsys):
     assert main(["train", os.path.join(ROOT, "configs", "digits_cnn.yaml"), "--run-dir", str(tmp_path),
-                 "--set", "model.name=pipeline.models:mlp"]) == 2  # digits_cnn's args (filters) do not fit mlp
+                 "--set", "model.name=pipeline.train.models:mlp"]) == 2  # digits_cnn's args (filters) do not fit mlp
     err = capsys.readouterr().err
-    assert re.search(r"model\.args: got \{'filters': 32, 'hidden': 128\}; 'pipeline\.models:mlp' cannot be called "
+    assert re.search(r"model\.args: got \{'filters': 32, 'hidden': 128\}; 'pipeline\.train\.models:mlp' cannot be called "
                      r"with them .*it takes input_shape, num_classes and: hidden", err), err
     assert "Traceback" not in err
 
 
 def test_custom_model_cut_not_in_model(tmp_path, capsys):
     assert main(["train", os.path.join(ROOT, "configs", "digits_cnn.yaml"), "--run-dir", str(tmp_path),
-                 "--set", "model={name: 'pipeline.models:mlp'}", "--set", "split.cuts=[conv1]"]) == 2
+                 "--set", "model={name: 'pipeline.train.models:mlp'}", "--set", "split.cuts=[conv1]"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "conv1" in err and "Traceback" not in err

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline import schedule as sched
-from pipeline.schedule import Action, B, F
+from pipeline.core import schedule as sched
+from pipeline.core.schedule import Action, B, F
 
 
 def rows(schedule):

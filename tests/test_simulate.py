@@ -2,8 +2,9 @@
 
 import pytest
 
-from pipeline import schedule as sched
-from pipeline import simulate as sim
+from pipeline.core import schedule as sched
+from pipeline.perf import plot
+from pipeline.perf import simulate as sim
 
 
 @pytest.mark.parametrize("generator", [sched.gpipe, sched.one_f_one_b])
@@ -103,7 +104,7 @@ def test_ascii_and_png_gantt(tmp_path):
     text = sim.ascii_gantt(result.timeline, 2, width=60)
     assert text.splitlines()[0].startswith("device 0: |F0")
     assert "B3" in text.splitlines()[1]
-    path = sim.gantt(str(tmp_path / "g.png"), [("predicted", result.timeline), ("measured", result.timeline)],
+    path = plot.gantt(str(tmp_path / "g.png"), [("predicted", result.timeline), ("measured", result.timeline)],
                      2, title="t")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

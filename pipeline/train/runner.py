@@ -1,9 +1,7 @@
-"""``pipeline train | evaluate | predict``: run a YAML config with ``PipelineModel.fit`` into a run folder."""
+"""Run a YAML config with ``PipelineModel.fit`` into a run folder: build, train with resume, restore."""
 
 from __future__ import annotations
 
-import argparse
-import glob
 import json
 import os
 import signal
@@ -12,11 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Config, ConfigError, dump, load_config
-from pipeline.errors import PipelineError
-
-EXIT_CONFIG_ERROR = 2
-"""Exit code for a bad config or bad input (the message says what to change)."""
+from pipeline.train.config import Config, dump
 
 
 # ------------------------------------------------------------------ building blocks
@@ -80,10 +74,10 @@ def build(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0)) -> Built:
         run_dir: the run folder (checkpoints go to ``run_dir/checkpoints``).
         shard: ``(num_shards, index)`` of this data-parallel replica.
     """
-    from pipeline import devices as devices_lib  # TensorFlow starts here
+    from pipeline.core import devices as devices_lib  # TensorFlow starts here
 
     devices_arg = list(cfg.pipeline.devices) if isinstance(cfg.pipeline.devices, tuple) else cfg.pipeline.devices
-    from pipeline import cluster
+    from pipeline.dist import cluster
 
     cluster.connect_from_env()  # PIPELINE_CLUSTER: stages on other hosts' devices (docs/scale_out.md)
     device_names = devices_lib.resolve(cfg.split.stages, devices_arg)  # before any TF op (CPU fallback)
@@ -91,11 +85,11 @@ def build(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0)) -> Built:
     import keras
     import tensorflow as tf
 
-    from pipeline import data as data_lib
-    from pipeline import models
-    from pipeline.checkpoint import Checkpointer
-    from pipeline.model import PipelineModel
-    from pipeline.partition import split
+    from pipeline.train import data as data_lib
+    from pipeline.train import models
+    from pipeline.train.checkpoint import Checkpointer
+    from pipeline.core.model import PipelineModel
+    from pipeline.core.partition import split
 
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
@@ -189,7 +183,7 @@ def train(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0), reducer: A
         0 when training finished, :data:`pipeline.checkpoint.PREEMPTED_EXIT_CODE` when a
         SIGTERM/SIGUSR1 stopped it after a checkpoint.
     """
-    from pipeline.checkpoint import Preemption
+    from pipeline.train.checkpoint import Preemption
 
     preemption = Preemption().install()  # before TensorFlow starts its work
     try:
@@ -199,8 +193,8 @@ def train(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0), reducer: A
 
 
 def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, preemption: Any) -> int:
-    from pipeline import replicas  # data-parallel replicas (Horovod), see docs/scale_out.md
-    from pipeline.checkpoint import PREEMPTED_EXIT_CODE, CheckpointCallback, requeue_slurm_job
+    from pipeline.dist import replicas  # data-parallel replicas (Horovod), see docs/scale_out.md
+    from pipeline.train.checkpoint import PREEMPTED_EXIT_CODE, CheckpointCallback, requeue_slurm_job
 
     chief = replicas.is_chief()  # only rank 0 writes the config copy, logs, metrics and checkpoints
     os.makedirs(run_dir, exist_ok=True)
@@ -214,7 +208,7 @@ def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, pree
 
     import keras
 
-    from pipeline import data as data_lib
+    from pipeline.train import data as data_lib
 
     spe = data_lib.steps_per_epoch(b.data.num_train, cfg.data.batch_size, cfg.train.steps_per_epoch)
     start, path = b.checkpointer.restore_latest() if cfg.checkpoint.enabled else (0, None)
@@ -272,105 +266,12 @@ def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, pree
     return 0
 
 
-def _restored(args: argparse.Namespace) -> tuple[Config, Built]:
-    from pipeline.checkpoint import find_checkpoint
+def restore(cfg: Config, run_dir: str, checkpoint: str | None = None) -> Built:
+    """Builds ``cfg`` and restores its latest checkpoint (or ``checkpoint``: a run folder, folder or prefix)."""
+    from pipeline.train.checkpoint import find_checkpoint
 
-    cfg = load_config(args.config, args.set)
-    run_dir = run_dir_for(cfg, args.run_dir)
     b = build(cfg, run_dir)
-    path = find_checkpoint(args.checkpoint or run_dir)
+    path = find_checkpoint(checkpoint or run_dir)
     step = b.checkpointer.restore(path)
     print(f"[pipeline] restored {path} (step {step})", file=sys.stderr, flush=True)
-    return cfg, b
-
-
-def evaluate_command(args: argparse.Namespace) -> int:
-    """``pipeline evaluate CONFIG [--checkpoint PATH]``: test-set metrics as JSON on stdout."""
-    from pipeline import data as data_lib
-
-    cfg, b = _restored(args)
-    results = b.pipeline.evaluate(data_lib.eval_dataset(b.data.test, cfg.data.batch_size), verbose=0,
-                                  return_dict=True)
-    print(json.dumps({k: float(v) for k, v in results.items() if k != "batch_loss"}))
-    return 0
-
-
-def predict_command(args: argparse.Namespace) -> int:
-    """``pipeline predict CONFIG [--checkpoint PATH] [--limit N] [--output FILE]``: test-set predictions as JSONL."""
-    import numpy as np
-
-    from pipeline import data as data_lib
-
-    cfg, b = _restored(args)
-    test = b.data.test.take(args.limit) if args.limit else b.data.test
-    labels = np.concatenate([y.numpy().reshape(-1) for _, y in test.batch(cfg.data.batch_size)])
-    probs = b.pipeline.predict(data_lib.eval_dataset(test.map(lambda x, y: x), cfg.data.batch_size), verbose=0)
-    names = b.data.class_names or [str(i) for i in range(b.data.num_classes)]
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
-        for i, (label, p) in enumerate(zip(labels, probs)):
-            k = int(np.argmax(p))
-            out.write(json.dumps({"index": i, "label": names[int(label)], "predicted": names[k],
-                                  "probability": float(p[k])}) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    print(f"[pipeline] {len(labels)} predictions, accuracy {float(np.mean(np.argmax(probs, 1) == labels)):.4f}",
-          file=sys.stderr, flush=True)
-    return 0
-
-
-def _available_configs() -> str:
-    found = sorted(glob.glob(os.path.join("configs", "*.yaml")))
-    return ", ".join(found) if found else "(none in ./configs)"
-
-
-def _guard(func: Any) -> Any:
-    """Runs a command, printing config/input errors (no traceback) with exit code 2."""
-
-    def run(args: argparse.Namespace) -> int:
-        if not args.config:
-            print(f"pipeline {args.command}: needs a config file, e.g. `pipeline {args.command} "
-                  f"configs/digits_cnn.yaml`. Available: {_available_configs()}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
-        try:
-            return func(args)
-        except ConfigError as err:
-            print(f"config error: {err}", file=sys.stderr)
-        except (PipelineError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-
-    return run
-
-
-def train_command(args: argparse.Namespace) -> int:
-    """``pipeline train CONFIG [--set k=v ...] [--run-dir DIR]``."""
-    from pipeline import replicas
-
-    cfg = load_config(args.config, args.set)
-    replicas.init()  # Horovod under horovodrun/mpirun (or PIPELINE_REPLICAS=horovod), else one replica
-    return train(cfg, run_dir_for(cfg, args.run_dir), shard=(replicas.size(), replicas.rank()),
-                 reducer=replicas.reducer())
-
-
-def register(subparsers: Any) -> None:
-    """Adds ``train``, ``evaluate`` and ``predict`` to the ``pipeline`` command."""
-    specs = {
-        "train": (train_command, "train a YAML config; rerun the same command to resume"),
-        "evaluate": (evaluate_command, "test-set metrics of a trained run"),
-        "predict": (predict_command, "test-set predictions of a trained run (JSON lines)"),
-    }
-    for name, (func, help_text) in specs.items():
-        p = subparsers.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("config", nargs="?", help="YAML run config, e.g. configs/digits_cnn.yaml")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set train.epochs=3 (repeatable)")
-        p.add_argument("--run-dir", help="run folder (default: the config's run_dir, else runs/<name>)")
-        if name != "train":
-            p.add_argument("--checkpoint", help="run folder, checkpoints folder or checkpoint prefix "
-                                                "(default: the run folder's latest)")
-        if name == "predict":
-            p.add_argument("--limit", type=int, default=0, help="predict only the first N test examples")
-            p.add_argument("--output", help="write JSON lines here instead of stdout")
-        p.set_defaults(func=_guard(func))
+    return b

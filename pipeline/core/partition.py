@@ -9,11 +9,7 @@ from typing import Any, Sequence
 
 import keras
 
-from pipeline.errors import PipelineError
-
-
-class SplitError(PipelineError, ValueError):
-    """A model cannot be cut as asked; the message names the layer and the reason."""
+from pipeline.errors import SplitError
 
 
 def split(model: keras.Model, cuts: Sequence[str] | None = None, num_stages: int | None = None,
@@ -151,7 +147,7 @@ def _balanced_cuts(model: keras.Model, layers: list, num_stages: int, balance: s
             f"num_stages={num_stages} needs {num_stages - 1} cuts, but model {model.name!r} has only "
             f"{len(candidates)} single-tensor boundaries; use at most {len(candidates) + 1} stages"
         )
-    from pipeline import balance as balance_lib  # noqa: PLC0415 - heavy profiling code, only when asked
+    from pipeline.core import balance as balance_lib  # noqa: PLC0415 - heavy profiling code, only when asked
 
     costs = balance_lib.layer_costs(model, balance, sample_input, layers=layers)
     # Merge each run of layers between valid cut points into one block, then partition blocks.

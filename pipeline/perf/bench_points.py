@@ -1,6 +1,6 @@
 """Benchmark points that train (one per process): step time, peak memory, overhead, balanced splits.
 
-Run by :mod:`pipeline.bench` in fresh processes (threads and logical devices fixed before TensorFlow
+Run by :mod:`pipeline.perf.bench` in fresh processes (threads and logical devices fixed before TensorFlow
 starts); each returns a JSON-friendly dictionary::
 
     point {"kind": "step", "mode": "pipeline", "m": 8, ...} -> {"step": 0.13, "tf_peak_mb": 48.5, ...}
@@ -11,25 +11,13 @@ from __future__ import annotations
 import resource
 from typing import Any
 
-from pipeline import simulate as sim
-from pipeline.overhead import measure_step_overhead, time_fit_step
+from pipeline.perf import simulate as sim
+from pipeline.perf.measure import step_peak_mb
+from pipeline.perf.overhead import measure_step_overhead, time_fit_step
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _tf_step_peak_mb(step: Any) -> float:
-    """Peak MB held by TensorFlow's CPU allocator (all logical CPU devices share it) during ``step()``.
-
-    Unlike the process's peak RSS it leaves out graph building and memory the C
-    allocator keeps after a free, so it shows the tensors a step keeps alive.
-    """
-    import tensorflow as tf
-
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    step()
-    return tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20
 
 
 def _mlp(width: int, layers: int, name: str, in_dim: int | None = None, out_dim: int | None = None) -> Any:
@@ -46,7 +34,7 @@ def point_step(p: dict[str, Any]) -> dict[str, Any]:
     import keras
     import numpy as np
 
-    from pipeline.model import PipelineModel
+    from pipeline.core.model import PipelineModel
 
     keras.utils.set_random_seed(0)
     width, layers, batch, k = p["width"], p["layers"], p["batch"], p.get("k", 2)
@@ -64,11 +52,11 @@ def point_step(p: dict[str, Any]) -> dict[str, Any]:
     model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
     result = {"step": time_fit_step(model, x, y, p["steps"])}
     result["rss_mb"] = peak_rss_mb()
-    result["tf_peak_mb"] = _tf_step_peak_mb(lambda: model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
+    result["tf_peak_mb"] = step_peak_mb(lambda: model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
                                                                shuffle=False))
-    from pipeline import microbatch as mb_lib
-    from pipeline import schedule as sched
-    from pipeline.planner import contention_factor, measure_stage_costs, run_measured
+    from pipeline.core import microbatch as mb_lib
+    from pipeline.core import schedule as sched
+    from pipeline.perf.planner import contention_factor, measure_stage_costs, run_measured
 
     if p.get("efficiency") and p["mode"] == "pipeline":
         def work(inp: Any) -> float:
@@ -103,7 +91,7 @@ def overhead(p: dict[str, Any]) -> dict[str, Any]:
     import keras
     import numpy as np
 
-    from pipeline.model import PipelineModel
+    from pipeline.core.model import PipelineModel
 
     width, layers, batch = p["width"], p["layers"], p["batch"]
     rng = np.random.default_rng(0)
@@ -134,9 +122,9 @@ def balance_point(p: dict[str, Any]) -> dict[str, Any]:
     import keras
     import numpy as np
 
-    from pipeline import balance
-    from pipeline.model import PipelineModel
-    from pipeline.partition import split
+    from pipeline.core import balance
+    from pipeline.core.model import PipelineModel
+    from pipeline.core.partition import split
 
     keras.utils.set_random_seed(0)
     width = p["uneven_width"]
@@ -156,9 +144,9 @@ def balance_point(p: dict[str, Any]) -> dict[str, Any]:
     pipe = PipelineModel(stages, microbatches=p["m"])
     pipe.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
     step = time_fit_step(pipe, x, y, p["steps"])
-    from pipeline import microbatch as mb_lib
-    from pipeline import schedule as sched
-    from pipeline.planner import measure_stage_costs
+    from pipeline.core import microbatch as mb_lib
+    from pipeline.core import schedule as sched
+    from pipeline.perf.planner import measure_stage_costs
 
     costs = measure_stage_costs(pipe.stages, mb_lib.split(x, p["m"])[0], repeats=4, under_load=False)
     predicted = sim.simulate(sched.one_f_one_b(2, p["m"]), costs).makespan

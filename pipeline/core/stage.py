@@ -18,7 +18,7 @@ import tensorflow as tf
 from keras.src import backend as keras_backend  # compute_output_spec builds by calling
 from keras.src.backend.common import global_state
 
-from pipeline import recompute as recompute_lib
+from pipeline.core import recompute as recompute_lib
 
 LossFn = Callable[[int, Any], tf.Tensor]
 """``loss_fn(microbatch, y_pred) -> scalar``: the last stage's loss for one micro-batch."""

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import tensorflow as tf
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ClusterError
 
 DEFAULT_JOB = "worker"
 DEFAULT_TIMEOUT = 60.0
@@ -27,10 +27,6 @@ Resolver = tf.distribute.cluster_resolver.ClusterResolver
 CLUSTER_ENV = "PIPELINE_CLUSTER"
 """Environment variable: the cluster the trainer connects to (see :func:`connect_from_env`)."""
 TIMEOUT_ENV = "PIPELINE_CLUSTER_TIMEOUT"
-
-
-class ClusterError(PipelineError, RuntimeError):
-    """The cluster is misconfigured or a task stopped answering; the message names the task."""
 
 
 # --------------------------------------------------------------------------- resolvers

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import time
-
-import keras
-import numpy as np
+from typing import Any
 
 
-def digits_split(seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def digits_split(seed: int = 0) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     """The handwritten digits scikit-learn ships (8x8, 10 classes), scaled to [0, 1], 80/20 split."""
+    import numpy as np
     from sklearn.datasets import load_digits  # noqa: PLC0415 - only the demo needs scikit-learn
 
     digits = load_digits()
@@ -22,8 +21,10 @@ def digits_split(seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np
     return (x[:cut], y[:cut]), (x[cut:], y[cut:])
 
 
-def two_part_cnn() -> tuple[keras.Model, keras.Model]:
+def two_part_cnn() -> tuple[Any, Any]:
     """``model_0`` (convolutions) and ``model_1`` (dense head) for 8x8x1 digits."""
+    import keras
+
     model_0 = keras.Sequential([
         keras.Input((8, 8, 1)),
         keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
@@ -41,9 +42,12 @@ def two_part_cnn() -> tuple[keras.Model, keras.Model]:
 
 def run(args: argparse.Namespace) -> int:
     """Trains the two-part CNN pipelined, prints accuracy and the verify report."""
-    import pipeline  # noqa: PLC0415
+    import keras
 
-    pipeline.devices.resolve(2, args.devices)  # the CPU fallback must come before any TF op
+    import pipeline
+    from pipeline.core import devices
+
+    devices.resolve(2, args.devices)  # the CPU fallback must come before any TF op
     keras.utils.set_random_seed(args.seed)
     (x_train, y_train), (x_test, y_test) = digits_split(args.seed)
     model_0, model_1 = two_part_cnn()
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Any) -> None:
     """Adds ``pipeline demo``."""
     parser = subparsers.add_parser("demo", help="train a two-part CNN on the embedded digits (CPU is fine)")
     parser.add_argument("--epochs", type=int, default=8)

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import tensorflow as tf
 
-from pipeline.errors import PipelineError
-
-CPU_DEVICES_ENV = "PIPELINE_CPU_DEVICES"
-"""Environment variable: how many logical CPU devices to create at import time."""
-
-
-class DeviceError(PipelineError, RuntimeError):
-    """Devices cannot be set up as asked; the message says how to fix it."""
+from pipeline.core.runtime import CPU_DEVICES_ENV
+from pipeline.errors import DeviceError
 
 
 def setup_cpu_devices(count: int) -> list[str]:
@@ -49,7 +42,7 @@ def setup_cpu_devices(count: int) -> list[str]:
         raise DeviceError(
             f"the CPU fallback needs {count} logical CPU devices, but TensorFlow already "
             f"initialized its devices with {have}. Create them before TensorFlow runs any op: "
-            f"call pipeline.devices.setup_cpu_devices({count}) at the top of your script, or set "
+            f"call pipeline.core.devices.setup_cpu_devices({count}) at the top of your script, or set "
             f"the environment variable {CPU_DEVICES_ENV}={count} before importing pipeline."
         ) from err
     return cpu_device_names()
@@ -132,15 +125,3 @@ def resolve(num_stages: int, devices: Sequence[str] | str | None = None) -> list
                 "stages), or devices='cpu' for the CPU fallback."
             )
     return setup_cpu_devices(num_stages)[:num_stages]
-
-
-def _setup_from_env() -> None:
-    value = os.environ.get(CPU_DEVICES_ENV)
-    if value:
-        try:
-            count = int(value)
-        except ValueError:
-            raise DeviceError(
-                f"{CPU_DEVICES_ENV}={value!r} must be a whole number of logical CPU devices"
-            ) from None
-        setup_cpu_devices(count)

@@ -13,11 +13,11 @@ from typing import Any, Callable, Sequence
 import keras
 import tensorflow as tf
 
-from pipeline import devices as devices_lib
-from pipeline import microbatch as mb_lib
+from pipeline.core import devices as devices_lib
+from pipeline.core import microbatch as mb_lib
 from pipeline.errors import SettingError
-from pipeline.executor import Executor
-from pipeline.stage import Stage
+from pipeline.core.executor import Executor
+from pipeline.core.stage import Stage
 
 GradientReducer = Callable[[list[tf.Tensor], list[Any]], list[tf.Tensor]]
 """``reducer(grads, variables) -> grads``, e.g. an all-reduce across pipeline replicas."""

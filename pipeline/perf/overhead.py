@@ -20,7 +20,6 @@ import time
 from typing import Any
 
 
-
 def _step_timer() -> Any:
     """A Keras callback that stamps the end of every training batch (or group of batches)."""
     import keras
@@ -98,7 +97,7 @@ def _unpipelined_twin(model: Any) -> Any:
     import keras
 
     from pipeline.errors import SettingError
-    from pipeline.model import PipelineModel
+    from pipeline.core.model import PipelineModel
 
     stages = model.stages
     # GPipe at M=1 runs the actions in the same order as any schedule does, and is what gets subtracted.
@@ -140,14 +139,14 @@ def measure_step_overhead(model: Any, x: Any, y: Any, steps: int = 6, calls: int
     Returns:
         The overhead in seconds, at least 0.
     """
-    from pipeline.trace import _median_time, executor_step
+    from pipeline.perf import trace
 
     twin = _unpipelined_twin(model)
     variables = [v for stage in model.stages for v in stage.layer.variables]
     saved = [v.numpy() for v in variables]
     try:
         real = time_fit_step(twin, x, y, steps, calls)
-        bare = _median_time(executor_step(model.stages, x, y, model.loss, "gpipe", 1), 3 * steps)
+        bare = trace.median_time(trace.executor_step(model.stages, x, y, model.loss, "gpipe", 1), 3 * steps)
     finally:
         for variable, value in zip(variables, saved):
             variable.assign(value)

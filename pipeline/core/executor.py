@@ -20,9 +20,9 @@ from typing import Any, Callable, Sequence
 
 import tensorflow as tf
 
-from pipeline import microbatch as mb_lib
-from pipeline import schedule as sched
-from pipeline.stage import LossFn, Stage
+from pipeline.core import microbatch as mb_lib
+from pipeline.core import schedule as sched
+from pipeline.core.stage import LossFn, Stage
 
 ActionHook = Callable[[sched.Action], None]
 

@@ -8,15 +8,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from pipeline.config import DataConfig
-from pipeline.errors import PipelineError
+from pipeline.train.config import DataConfig
+from pipeline.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-class DataError(PipelineError, ValueError):
-    """The data cannot be loaded as configured; the message says what was found and what is needed."""
 
 
 @dataclass

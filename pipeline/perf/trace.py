@@ -19,27 +19,9 @@ import tempfile
 import time
 from typing import Any, Callable, Sequence
 
-from pipeline import schedule as sched
-from pipeline import simulate as sim
-
-
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # trace and warm up
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        out = fn()
-        _wait(out)
-        times.append(time.perf_counter() - start)
-    return float(statistics.median(times))
-
-
-def _wait(out: Any) -> None:
-    import tensorflow as tf
-
-    flat = [t for t in tf.nest.flatten(out) if isinstance(t, tf.Tensor)]
-    if flat:
-        flat[0].numpy()
+from pipeline.core import schedule as sched
+from pipeline.perf import simulate as sim
+from pipeline.perf.measure import median_time, wait_for
 
 
 _ACT = re.compile(r"^(gradient_tape/)?(?:.*/)?act(\d+)([FBW])(\d+)/")
@@ -131,8 +113,8 @@ def executor_step(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: st
     import keras
     import tensorflow as tf
 
-    from pipeline import microbatch as mb_lib
-    from pipeline.executor import Executor
+    from pipeline.core import microbatch as mb_lib
+    from pipeline.core.executor import Executor
 
     executor = Executor(stages, schedule, num_microbatches)  # names each action's ops act<action>/...
     loss_obj = keras.losses.get(loss) if isinstance(loss, str) else loss
@@ -159,11 +141,11 @@ def run_measured(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: str
     import tensorflow as tf
 
     step = executor_step(stages, x, y, loss, schedule, num_microbatches)
-    elapsed = _median_time(step, steps)
+    elapsed = median_time(step, steps)
     logdir = tempfile.mkdtemp(prefix="pipeline-trace-")
     tf.profiler.experimental.start(logdir)
     try:
-        _wait(step())
+        wait_for(step())
     finally:
         tf.profiler.experimental.stop()
     timeline, threads = trace_actions(logdir)

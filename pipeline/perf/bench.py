@@ -11,7 +11,6 @@ show why the trainer uses one VJP per stage instead.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -19,8 +18,9 @@ import sys
 import time
 from typing import Any
 
-from pipeline import bench_points as points
-from pipeline import simulate as sim
+from pipeline.core import schedule as sched
+from pipeline.perf import bench_points as points
+from pipeline.perf import simulate as sim
 
 # The overhead/speedup model is compute-bound with cache-resident weights (8 x Dense(256) per stage,
 # 2048-row batch): logical CPU devices share the memory bus, so a memory-bound model (e.g. Dense(1024),
@@ -111,7 +111,7 @@ def worker(spec: str) -> None:
 
     tf.config.threading.set_intra_op_parallelism_threads(intra)
     tf.config.threading.set_inter_op_parallelism_threads(inter)
-    from pipeline import devices
+    from pipeline.core import devices
 
     devices.setup_cpu_devices(p.get("devices", 2))
     result = POINTS[p["kind"]](p)
@@ -127,10 +127,10 @@ def run_point(point: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
         RuntimeError: with the worker's last output lines if it failed.
     """
     intra, inter = point.get("threads", [0, 0])
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_NUM_INTRAOP_THREADS=str(intra),
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CPU_ALLOCATOR_USE_BFC="true", TF_NUM_INTRAOP_THREADS=str(intra),
                TF_NUM_INTEROP_THREADS=str(inter))
     env.pop("PIPELINE_CPU_DEVICES", None)  # the worker creates its devices after setting threads
-    proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "--worker", json.dumps(point)],
+    proc = subprocess.run([sys.executable, "-m", "pipeline.perf.bench", "--worker", json.dumps(point)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -236,7 +236,7 @@ def _section_speedup(cfg: dict[str, Any], base: dict[str, Any], out: dict[str, A
 def _section_memory(cfg: dict[str, Any], out: dict[str, Any], log: Any) -> None:
     log("memory: peak RSS per process, fixed micro-batch, K=2 ...")
     mem = []
-    for schedule in ("gpipe", "1f1b"):
+    for schedule in sched.NAMES:
         for recompute in (False, True):
             for m in cfg["mem_ms"]:
                 point = {"kind": "step", "mode": "pipeline", "k": 2, "m": m, "schedule": schedule,
@@ -246,10 +246,14 @@ def _section_memory(cfg: dict[str, Any], out: dict[str, Any], log: Any) -> None:
                 r = run_point(point)
                 mem.append({"schedule": schedule, "recompute": recompute, "m": m, "rss_mb": r["rss_mb"],
                             "tf_peak_mb": r["tf_peak_mb"], "step": r["step"]})
+                peak = "not available" if r["tf_peak_mb"] is None else f"{r['tf_peak_mb']:7.1f} MB"
                 log(f"  {schedule:<5} recompute={str(recompute):<5} M={m:<3} TF peak during a step "
-                    f"{r['tf_peak_mb']:7.1f} MB, process peak RSS {r['rss_mb']:.0f} MB, step {r['step']:.3f} s")
+                    f"{peak}, process peak RSS {r['rss_mb']:.0f} MB, step {r['step']:.3f} s")
     out["memory"] = {"rows": mem, "growth": _growth(mem, cfg["mem_ms"], "tf_peak_mb"),
                      "rss_growth": _growth(mem, cfg["mem_ms"], "rss_mb")}
+    if any(r["tf_peak_mb"] is None for r in mem):
+        log("  TF step peak: not available, TensorFlow's CPU allocator keeps no statistics in this process; "
+            "start it with TF_CPU_ALLOCATOR_USE_BFC=true")
     for key, g in out["memory"]["growth"].items():
         log(f"  {key}: M={cfg['mem_ms'][0]} -> M={cfg['mem_ms'][-1]}: TF step peak {g:+.1%}, "
             f"process peak RSS {out['memory']['rss_growth'][key]:+.1%}")
@@ -286,45 +290,14 @@ def _section_balance(cfg: dict[str, Any], out: dict[str, Any], log: Any) -> None
 
 def _growth(rows: list[dict[str, Any]], ms: list[int], key: str) -> dict[str, float]:
     growth = {}
-    for schedule in ("gpipe", "1f1b"):
+    for schedule in sched.NAMES:
         for recompute in (False, True):
             sel = {r["m"]: r[key] for r in rows if r["schedule"] == schedule and r["recompute"] == recompute}
             name = f"{schedule}{' +recompute' if recompute else ''}"
-            growth[name] = sel[ms[-1]] / sel[ms[0]] - 1 if sel[ms[0]] > 0 else float("nan")
+            growth[name] = sel[ms[-1]] / sel[ms[0]] - 1 if sel[ms[0]] and sel[ms[-1]] is not None else float("nan")
     return growth
-
-
-def bench_command(args: argparse.Namespace) -> int:
-    """``pipeline bench [--quick] [--json PATH]``."""
-    cfg = dict(QUICK if args.quick else FULL)
-    started = time.time()
-    sections = tuple(args.sections.split(",")) if args.sections else SECTIONS
-    unknown = [s for s in sections if s not in SECTIONS]
-    if unknown:
-        print(f"pipeline bench: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
-        return 2
-    results = run(cfg, sections=sections)
-    results["seconds"] = time.time() - started
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    print(f"results: {args.json} ({results['seconds']:.0f} s)")
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Adds ``bench`` to the ``pipeline`` command."""
-    help_text = "measure overhead, speedup, memory, Jacobian vs VJP, simulator accuracy and balancing"
-    p = subparsers.add_parser("bench", help=help_text, description=help_text)
-    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that every section runs")
-    p.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
-    p.add_argument("--json", default="bench.json", help="where to write the results (default: bench.json)")
-    p.set_defaults(func=bench_command)
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         worker(sys.argv[2])
-    else:
-        from pipeline.cli import main
-
-        sys.exit(main(["bench", *sys.argv[1:]]))

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import keras
 import tensorflow as tf
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ReplicaError
 
 BACKENDS = ("auto", "horovod", "none")
 STALL_CHECK_SECONDS = 60
@@ -24,10 +24,6 @@ STALL_SHUTDOWN_SECONDS = 300
 _LAUNCHER_RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
 _state: dict[str, Any] = {"backend": None, "hvd": None}
-
-
-class ReplicaError(PipelineError, RuntimeError):
-    """Replicas cannot be set up as asked; the message says how to fix it."""
 
 
 def launched_by_horovod() -> bool:

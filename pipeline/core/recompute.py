@@ -23,9 +23,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-
-class RecomputeError(ValueError):
-    """A stage cannot be recomputed; the message says why and what to do."""
+from pipeline.errors import RecomputeError
 
 
 def _state(layer: keras.layers.Layer) -> list[Any]:

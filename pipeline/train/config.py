@@ -10,11 +10,11 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from pipeline.typed_yaml import ConfigError
-from pipeline.typed_yaml import build as _build
-from pipeline.typed_yaml import fail as _fail
-from pipeline.typed_yaml import keys as _keys
-from pipeline.typed_yaml import plain as _plain
+from pipeline.train.typed_yaml import ConfigError
+from pipeline.train.typed_yaml import build as _build
+from pipeline.train.typed_yaml import fail as _fail
+from pipeline.train.typed_yaml import keys as _keys
+from pipeline.train.typed_yaml import plain as _plain
 
 SOURCES = ("digits", "tfds", "image_folder", "synthetic")
 SCHEDULES = ("1f1b", "gpipe")
@@ -36,7 +36,7 @@ class ModelConfig:
     """Which model to build.
 
     Attributes:
-        name: a zoo name from :mod:`pipeline.models`, or ``"package.module:function"``.
+        name: a zoo name from :mod:`pipeline.train.models`, or ``"package.module:function"``.
         args: keyword arguments for the model function.
     """
 
@@ -175,7 +175,7 @@ def _fraction(path: str, value: float) -> None:
 
 
 def _check_model(cfg: Config) -> None:
-    from pipeline import models  # no TensorFlow at import
+    from pipeline.train import models  # no TensorFlow at import
 
     name = cfg.model.name
     if ":" in name:

@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import microbatch as mb_lib
-from pipeline.executor import Executor
-from pipeline.model import PipelineModel
+from pipeline.core import microbatch as mb_lib
+from pipeline.core.executor import Executor
+from pipeline.core.model import PipelineModel
 
 
 @dataclasses.dataclass(frozen=True)

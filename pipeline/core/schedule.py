@@ -7,7 +7,7 @@ import enum
 import re
 from typing import Callable, Iterator, Sequence
 
-from pipeline.errors import PipelineError, SettingError
+from pipeline.errors import ScheduleError, SettingError
 
 Schedule = list[list["Action"]]
 """One ordered list of actions per stage (stage ``i`` runs ``schedule[i]`` in order)."""
@@ -48,11 +48,11 @@ class Action:
         """Parses ``"1F0"`` back into ``Action(1, Op.FORWARD, 0)``.
 
         Raises:
-            ValueError: if ``text`` is not ``<stage><F|B|W><microbatch>``.
+            SettingError: if ``text`` is not ``<stage><F|B|W><microbatch>``.
         """
         match = _ACTION_RE.match(text.strip())
         if not match:
-            raise ValueError(
+            raise SettingError(
                 f"cannot parse action {text!r}: expected <stage><F|B|W><microbatch>, e.g. '1F0'"
             )
         return cls(int(match.group(1)), Op(match.group(2)), int(match.group(3)))
@@ -61,7 +61,7 @@ class Action:
 def _check_sizes(num_stages: int, num_microbatches: int) -> None:
     for name, value in (("num_stages", num_stages), ("num_microbatches", num_microbatches)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            raise SettingError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def gpipe(num_stages: int, num_microbatches: int) -> Schedule:
@@ -120,11 +120,15 @@ GENERATORS: dict[str, Callable[[int, int], Schedule]] = {
 }
 
 
+NAMES: tuple[str, ...] = tuple(GENERATORS)
+"""The training schedules by name, in the order tables list them."""
+
+
 def get(name: str) -> Callable[[int, int], Schedule]:
     """Looks a training schedule generator up by name (``"gpipe"``, ``"1f1b"``).
 
     Raises:
-        ValueError: naming the unknown schedule and listing the known ones.
+        SettingError: naming the unknown schedule and listing the known ones.
     """
     key = str(name).lower().replace("-", "_")
     aliases = {"one_f_one_b": "1f1b", "1f_1b": "1f1b"}
@@ -144,10 +148,6 @@ def render(schedule: Schedule, mark: Action | None = None) -> str:
         cells = [f"[{a}]" if a == mark else f" {a} " for a in actions]
         rows.append(f"stage {s}: " + "".join(cells))
     return "\n".join(rows)
-
-
-class ScheduleError(PipelineError, ValueError):
-    """A schedule that cannot run correctly; the message shows the grid."""
 
 
 def _fail(schedule: Schedule, action: Action | None, reason: str) -> ScheduleError:
@@ -212,38 +212,64 @@ def dependencies(action: Action, num_stages: int) -> list[Action]:
     return []
 
 
-def execution_order(schedule: Schedule) -> Iterator[Action]:
-    """Yields all actions in one order that respects every stage's order and every dependency.
+def prerequisites(action: Action, num_stages: int) -> list[Action]:
+    """Every action that must finish before ``action``: :func:`dependencies` plus, on its own
+    stage, the F of its micro-batch (for B) or the B (for W)."""
+    own = {B: F, W: B}.get(action.op)
+    same_stage = [Action(action.stage, own, action.microbatch)] if own else []
+    return dependencies(action, num_stages) + same_stage
+
+
+def walk(schedule: Schedule) -> tuple[list[Action], list[Action]]:
+    """One order of all actions that respects every stage's order and every prerequisite.
 
     Stages are visited round-robin; each runs its next actions while their
-    dependencies are done. This is the order the executor builds ops in, and
-    the order ``run_eagerly`` runs them in.
+    prerequisites are done. The one dependency walk of the project: the executor
+    builds ops in this order, ``run_eagerly`` runs them in it, the simulator
+    times them in it.
 
-    Raises:
-        ScheduleError: if no stage can make progress (a deadlock).
+    Returns:
+        ``(order, blocked)``: the actions that can run, in order, and the first
+        action of every stage that never could (empty unless the schedule deadlocks).
     """
     num_stages = len(schedule)
     position = [0] * num_stages
     done: set[Action] = set()
-    remaining = sum(len(row) for row in schedule)
-    while remaining:
+    order: list[Action] = []
+    progressed = True
+    while progressed:
         progressed = False
         for s in range(num_stages):
             while position[s] < len(schedule[s]):
                 action = schedule[s][position[s]]
-                if not all(d in done for d in dependencies(action, num_stages)):
+                if not all(d in done for d in prerequisites(action, num_stages)):
                     break
                 done.add(action)
+                order.append(action)
                 position[s] += 1
-                remaining -= 1
                 progressed = True
-                yield action
-        if not progressed:
-            blocked = [schedule[s][position[s]] for s in range(num_stages) if position[s] < len(schedule[s])]
-            waits = "; ".join(
-                f"{a} waits for {', '.join(map(str, dependencies(a, num_stages)))}" for a in blocked
-            )
-            raise _fail(schedule, blocked[0], f"deadlock: {waits}")
+    blocked = [schedule[s][position[s]] for s in range(num_stages) if position[s] < len(schedule[s])]
+    return order, blocked
+
+
+def deadlock_message(schedule: Schedule, order: Sequence[Action], blocked: Sequence[Action]) -> str:
+    """``"deadlock: 0B1 waits for 1B1; ..."``, naming what each blocked action still waits for."""
+    done = set(order)
+    return "deadlock: " + "; ".join(
+        f"{a} waits for {', '.join(str(d) for d in prerequisites(a, len(schedule)) if d not in done)}"
+        for a in blocked)
+
+
+def execution_order(schedule: Schedule) -> Iterator[Action]:
+    """Yields all actions in the order of :func:`walk`.
+
+    Raises:
+        ScheduleError: if no stage can make progress (a deadlock), before yielding anything.
+    """
+    order, blocked = walk(schedule)
+    if blocked:
+        raise _fail(schedule, blocked[0], deadlock_message(schedule, order, blocked))
+    yield from order
 
 
 def peak_in_flight(schedule: Schedule) -> list[int]:

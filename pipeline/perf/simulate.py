@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Mapping, Sequence, Union
 
-from pipeline import schedule as sched
+from pipeline.core import schedule as sched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,15 +150,6 @@ def cost_function(costs: Costs, schedule: sched.Schedule) -> Callable[[sched.Act
     return lambda a: stage_costs[a.stage].of(a.op, split[a.stage])
 
 
-def _own_dependencies(action: sched.Action) -> list[sched.Action]:
-    """Same-stage prerequisites: B of j needs F of j; W of j needs B of j."""
-    if action.op is sched.B:
-        return [sched.Action(action.stage, sched.F, action.microbatch)]
-    if action.op is sched.W:
-        return [sched.Action(action.stage, sched.B, action.microbatch)]
-    return []
-
-
 def simulate(schedule: sched.Schedule, costs: Costs, transfer: float = 0.0) -> Simulation:
     """Runs the schedule on paper with the given costs.
 
@@ -179,34 +170,16 @@ def simulate(schedule: sched.Schedule, costs: Costs, transfer: float = 0.0) -> S
     end: dict[sched.Action, float] = {}
     free = [0.0] * num_stages
     busy = [0.0] * num_stages
-    position = [0] * num_stages
     timeline: list[Interval] = []
-    progressed = True
-    while progressed:
-        progressed = False
-        for s in range(num_stages):
-            while position[s] < len(schedule[s]):
-                action = schedule[s][position[s]]
-                deps = sched.dependencies(action, num_stages)
-                if not all(d in end for d in deps + _own_dependencies(action)):
-                    break
-                start = max([free[s]] + [end[d] + transfer for d in deps])
-                duration = float(cost(action))
-                end[action] = start + duration
-                free[s] = start + duration
-                busy[s] += duration
-                timeline.append(Interval(action, start, start + duration))
-                position[s] += 1
-                progressed = True
-    blocked = [schedule[s][position[s]] for s in range(num_stages) if position[s] < len(schedule[s])]
-    message = ""
-    if blocked:
-        message = "deadlock: " + "; ".join(
-            f"{a} waits for "
-            + ", ".join(str(d) for d in sched.dependencies(a, num_stages) + _own_dependencies(a)
-                        if d not in end)
-            for a in blocked
-        )
+    order, blocked = sched.walk(schedule)
+    for action in order:
+        s = action.stage
+        start = max([free[s]] + [end[d] + transfer for d in sched.dependencies(action, num_stages)])
+        duration = float(cost(action))
+        end[action] = free[s] = start + duration
+        busy[s] += duration
+        timeline.append(Interval(action, start, start + duration))
+    message = sched.deadlock_message(schedule, order, blocked) if blocked else ""
     timeline.sort(key=lambda iv: (iv.start, iv.action.stage))
     return Simulation(
         num_stages=num_stages,
@@ -252,47 +225,3 @@ def ascii_gantt(timeline: Sequence[Interval], num_stages: int, width: int = 72) 
                 cells[k] = label[k - a] if k - a < len(label) else "-"
         rows.append(f"device {s}: |{''.join(cells)}|")
     return "\n".join(rows)
-
-
-_COLORS = {sched.F: "#4C72B0", sched.B: "#DD8452", sched.W: "#55A868"}
-
-
-def gantt(path: str, rows: Sequence[tuple[str, Sequence[Interval]]], num_stages: int,
-          title: str | None = None) -> str:
-    """Draws one or more timelines (e.g. predicted, then measured) as Gantt charts in a PNG.
-
-    Args:
-        path: the PNG file to write.
-        rows: ``(label, timeline)`` pairs, drawn top to bottom on a shared time axis;
-            the label should carry the step time, e.g. ``"predicted 0.41 s"``.
-        num_stages: K, one lane per device.
-        title: the figure title.
-
-    Returns:
-        ``path``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(rows), 1, sharex=True, squeeze=False,
-                             figsize=(11, 0.6 + (0.55 * num_stages + 0.5) * len(rows)))
-    for ax, (label, timeline) in zip(axes[:, 0], rows):
-        for iv in timeline:
-            s = iv.action.stage
-            ax.broken_barh([(iv.start, iv.duration)], (s - 0.4, 0.8),
-                           facecolors=_COLORS[iv.action.op], edgecolors="black", linewidth=0.4)
-            ax.text(iv.start + iv.duration / 2, s, f"{iv.action.op.value}{iv.action.microbatch}",
-                    ha="center", va="center", fontsize=7, color="white")
-        ax.set_yticks(range(num_stages), [f"device {s}" for s in range(num_stages)])
-        ax.set_ylim(num_stages - 0.5, -0.5)
-        ax.set_ylabel(label, rotation=0, ha="right", va="center")
-        ax.grid(axis="x", alpha=0.3)
-    axes[-1, 0].set_xlabel("time (s)")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

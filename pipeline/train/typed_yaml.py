@@ -7,11 +7,7 @@ import dataclasses
 import typing
 from typing import Any, Mapping
 
-from pipeline.errors import PipelineError
-
-
-class ConfigError(PipelineError, ValueError):
-    """A config value is not acceptable; the message names key path, value and what is allowed."""
+from pipeline.errors import ConfigError
 
 
 def fail(path: str, value: Any, allowed: str) -> ConfigError:

@@ -113,7 +113,7 @@ def resolve(name: str) -> Callable[..., Any]:
     Raises:
         ConfigError: the module or function cannot be found.
     """
-    from pipeline.config import ConfigError
+    from pipeline.train.config import ConfigError
 
     if name in ZOO:
         return ZOO[name][0]
@@ -136,7 +136,7 @@ def build(name: str, input_shape: Sequence[int], num_classes: int, **args: Any) 
     """
     import keras
 
-    from pipeline.config import ConfigError
+    from pipeline.train.config import ConfigError
 
     func = resolve(name)
     try:

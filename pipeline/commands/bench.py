@@ -1,0 +1,38 @@
+"""``pipeline bench``: run the benchmark sections and write their figures (ratios against same-run baselines)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from pipeline.errors import SettingError
+from pipeline.perf import bench
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """``pipeline bench [--quick] [--json PATH]``."""
+    cfg = dict(bench.QUICK if args.quick else bench.FULL)
+    started = time.time()
+    sections = tuple(args.sections.split(",")) if args.sections else bench.SECTIONS
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise SettingError(f"--sections: unknown section(s) {unknown}; choose from {', '.join(bench.SECTIONS)}")
+    results = bench.run(cfg, sections=sections)
+    results["seconds"] = time.time() - started
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    print(f"results: {args.json} ({results['seconds']:.0f} s)")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Adds ``bench`` to the ``pipeline`` command."""
+    help_text = "measure overhead, speedup, memory, Jacobian vs VJP, simulator accuracy and balancing"
+    p = subparsers.add_parser("bench", help=help_text, description=help_text)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that every section runs")
+    p.add_argument("--sections", help=f"comma-separated subset of {','.join(bench.SECTIONS)} (default: all)")
+    p.add_argument("--json", default="bench.json", help="where to write the results (default: bench.json)")
+    p.set_defaults(func=bench_command)
+

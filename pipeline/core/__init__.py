@@ -1,0 +1,1 @@
+"""The engine: schedules, micro-batches, devices, cuts, stages, executor, PipelineModel, verify (no files, no CLI)."""

@@ -1,0 +1,1 @@
+"""The training application: typed YAML configs, data, model zoo, checkpoints, the run-folder runner."""
