@@ -4,10 +4,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["PIPELINE_CPU_DEVICES"] = "4"
-
-from pipeline.core import runtime  # noqa: E402  (imports no TensorFlow)
-
-runtime.enable_cpu_memory_stats()  # peak memory on every processor (TF picks BFC on some only)
+# Peak memory on every processor: only TF's BFC CPU allocator keeps statistics, and TF picks it by
+# itself on some processors only (pipeline.core.runtime.BFC_ENV; must be set before TensorFlow starts).
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

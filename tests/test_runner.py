@@ -107,7 +107,7 @@ def test_evaluate_and_predict_commands(tmp_path, capsys):
 def test_train_without_config_says_what_it_needs(capsys):
     assert main(["train"]) == 2
     err = capsys.readouterr().err
-    assert "pipeline train: needs a config file, e.g. `pipeline train configs/digits_cnn.yaml`" in err
+    assert "pipeline train: error: needs a config file, e.g. `pipeline train configs/digits_cnn.yaml`" in err
 
 
 def test_config_error_is_one_line_without_traceback(capsys):
@@ -119,7 +119,7 @@ def test_config_error_is_one_line_without_traceback(capsys):
 
 def test_evaluate_without_checkpoint(tmp_path, capsys):
     assert main(["evaluate", os.path.join(ROOT, "configs", "digits_cnn.yaml"), "--run-dir", str(tmp_path)]) == 2
-    assert f"error: --checkpoint '{tmp_path}': no checkpoint found" in capsys.readouterr().err
+    assert f"pipeline evaluate: error: checkpoint '{tmp_path}': no checkpoint found" in capsys.readouterr().err
 
 
 def test_too_many_steps_per_epoch(tmp_path, capsys):
@@ -168,4 +168,4 @@ def test_custom_model_cut_not_in_model(tmp_path, capsys):
     assert main(["train", os.path.join(ROOT, "configs", "digits_cnn.yaml"), "--run-dir", str(tmp_path),
                  "--set", "model={name: 'pipeline.train.models:mlp'}", "--set", "split.cuts=[conv1]"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "conv1" in err and "Traceback" not in err
+    assert err.startswith("pipeline train: error: ") and "conv1" in err and "Traceback" not in err

@@ -16,7 +16,7 @@ def bench_command(args: argparse.Namespace) -> int:
     cfg = dict(bench.QUICK if args.quick else bench.FULL)
     started = time.time()
     sections = tuple(args.sections.split(",")) if args.sections else bench.SECTIONS
-    unknown = [s for s in sections if s not in SECTIONS]
+    unknown = [s for s in sections if s not in bench.SECTIONS]
     if unknown:
         raise SettingError(f"--sections: unknown section(s) {unknown}; choose from {', '.join(bench.SECTIONS)}")
     results = bench.run(cfg, sections=sections)

@@ -44,17 +44,6 @@ def has_nvidia_driver() -> bool:
     return os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl")
 
 
-def enable_cpu_memory_stats() -> bool:
-    """Asks TensorFlow for the BFC CPU allocator, so that peak memory can be read on every x86 processor.
-
-    Returns:
-        True when the setting applies (TensorFlow not started yet, or started with it set).
-    """
-    if not tensorflow_started():
-        os.environ.setdefault(BFC_ENV, "true")
-    return os.environ.get(BFC_ENV, "").lower() in ("1", "true")
-
-
 def is_noise(line: str, gpu_driver: bool) -> bool:
     """Whether a line TensorFlow printed at start-up is known noise (never a real error of the user's)."""
     return bool(START_UP_NOISE.search(line) or (not gpu_driver and NO_GPU_NOISE.search(line)))

@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any
 
+from pipeline.core import runtime
 from pipeline.core import schedule as sched
 from pipeline.perf import bench_points as points
 from pipeline.perf import simulate as sim
@@ -127,8 +128,9 @@ def run_point(point: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
         RuntimeError: with the worker's last output lines if it failed.
     """
     intra, inter = point.get("threads", [0, 0])
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CPU_ALLOCATOR_USE_BFC="true", TF_NUM_INTRAOP_THREADS=str(intra),
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_NUM_INTRAOP_THREADS=str(intra),
                TF_NUM_INTEROP_THREADS=str(inter))
+    env[runtime.BFC_ENV] = "true"  # peak memory statistics on every processor (see runtime.BFC_ENV)
     env.pop("PIPELINE_CPU_DEVICES", None)  # the worker creates its devices after setting threads
     proc = subprocess.run([sys.executable, "-m", "pipeline.perf.bench", "--worker", json.dumps(point)],
                           capture_output=True, text=True, env=env, timeout=timeout)

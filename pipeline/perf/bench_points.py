@@ -56,7 +56,8 @@ def point_step(p: dict[str, Any]) -> dict[str, Any]:
                                                                shuffle=False))
     from pipeline.core import microbatch as mb_lib
     from pipeline.core import schedule as sched
-    from pipeline.perf.planner import contention_factor, measure_stage_costs, run_measured
+    from pipeline.perf.measure import contention_factor, measure_stage_costs
+    from pipeline.perf.trace import run_measured
 
     if p.get("efficiency") and p["mode"] == "pipeline":
         def work(inp: Any) -> float:
@@ -146,7 +147,7 @@ def balance_point(p: dict[str, Any]) -> dict[str, Any]:
     step = time_fit_step(pipe, x, y, p["steps"])
     from pipeline.core import microbatch as mb_lib
     from pipeline.core import schedule as sched
-    from pipeline.perf.planner import measure_stage_costs
+    from pipeline.perf.measure import measure_stage_costs
 
     costs = measure_stage_costs(pipe.stages, mb_lib.split(x, p["m"])[0], repeats=4, under_load=False)
     predicted = sim.simulate(sched.one_f_one_b(2, p["m"]), costs).makespan

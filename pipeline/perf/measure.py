@@ -44,7 +44,7 @@ def step_peak_mb(step: Callable[[], Any], device: str = "CPU:0") -> float | None
     Unlike the process's peak RSS it leaves out graph building and memory the C allocator keeps after a
     free: it shows the tensors a step keeps alive. On CPU only the BFC allocator keeps statistics, and
     TensorFlow picks it by itself on some processors only: start the process with
-    ``TF_CPU_ALLOCATOR_USE_BFC=true`` (:func:`pipeline.core.runtime.enable_cpu_memory_stats`; the bench and
+    ``TF_CPU_ALLOCATOR_USE_BFC=true`` (:data:`pipeline.core.runtime.BFC_ENV`; the bench and
     the tests do).
 
     Returns:
@@ -126,46 +126,47 @@ class StageLoad:
     """
 
     def __init__(self, runs: Sequence[Callable[[], Any]]):
-        self._stop = threading.Event()
-        self._errors: list[BaseException] = []
-        self._ready = threading.Barrier(len(runs) + 1) if runs else None
-        self._threads = [threading.Thread(target=self._loop, args=(run,), name=f"pipeline-stage-load-{i}",
-                                          daemon=True) for i, run in enumerate(runs)]
+        self.stop_event = threading.Event()
+        self.thread_errors: list[BaseException] = []
+        self.ready = threading.Barrier(len(runs) + 1) if runs else None
+        self.threads = [threading.Thread(target=self.keep_running, args=(run,), name=f"pipeline-stage-load-{i}",
+                                         daemon=True) for i, run in enumerate(runs)]
 
-    def _loop(self, run: Callable[[], Any]) -> None:
+    def keep_running(self, run: Callable[[], Any]) -> None:
+        """One load thread: calls ``run`` until :attr:`stop_event` is set, meeting the others once at start."""
         first = True
         try:
-            while first or not self._stop.is_set():
+            while first or not self.stop_event.is_set():
                 wait_for(run())
                 if first:
                     first = False
-                    self._ready.wait()
+                    self.ready.wait()
         except threading.BrokenBarrierError:
             pass
         except BaseException as err:  # noqa: BLE001 - handed to the caller
-            self._errors.append(err)
-            self._ready.abort()
+            self.thread_errors.append(err)
+            self.ready.abort()
 
     def __enter__(self) -> "StageLoad":
-        for thread in self._threads:
+        for thread in self.threads:
             thread.start()
-        if self._ready is not None:
+        if self.ready is not None:
             try:
-                self._ready.wait()
+                self.ready.wait()
             except threading.BrokenBarrierError:  # a load thread failed: raise its error
                 self.__exit__()
             except BaseException:  # e.g. KeyboardInterrupt: release the threads, then re-raise
-                self._ready.abort()
+                self.ready.abort()
                 self.__exit__()
                 raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        for thread in self._threads:
+        self.stop_event.set()
+        for thread in self.threads:
             thread.join()
-        if self._errors:
-            raise self._errors[0]
+        if self.thread_errors:
+            raise self.thread_errors[0]
 
 
 def measure_stage_costs(stages: Sequence[Any], x: Any, repeats: int = 10, calls: int = 3,

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import keras
 import tensorflow as tf
 
+from pipeline.errors import CheckpointError
+
 PREEMPTED_EXIT_CODE = 75
 """Exit code of a run stopped by SIGTERM/SIGUSR1 after writing a checkpoint (EX_TEMPFAIL: rerun to resume)."""
 
@@ -83,7 +85,7 @@ def find_checkpoint(path: str) -> str:
     """A checkpoint prefix from a run folder, a checkpoint folder or a prefix.
 
     Raises:
-        FileNotFoundError: nothing restorable at ``path``.
+        CheckpointError: nothing restorable at ``path`` (a ``FileNotFoundError`` too).
     """
     for folder in (os.path.join(path, "checkpoints"), path):
         if os.path.isdir(folder):
@@ -92,7 +94,7 @@ def find_checkpoint(path: str) -> str:
                 return latest
     if tf.io.gfile.exists(path + ".index"):
         return path
-    raise FileNotFoundError(f"--checkpoint {path!r}: no checkpoint found (give a run folder, its checkpoints/ "
+    raise CheckpointError(f"checkpoint {path!r}: no checkpoint found (give a run folder, its checkpoints/ "
                             "folder, or a checkpoint prefix such as RUN/checkpoints/ckpt-40)")
 
 
