@@ -11,11 +11,13 @@ import keras
 import numpy as np
 import pytest
 
+from pipeline.errors import CheckpointError
 from pipeline.train.checkpoint import PREEMPTED_EXIT_CODE, Checkpointer, find_checkpoint
 from pipeline.core.model import PipelineModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "digits_cnn.yaml")
+KILL_SCRIPT = os.path.join(ROOT, "tests", "kill_script.py")  # `pipeline` that SIGKILLs itself after step N
 SMALL = ["model.args={filters: 4, hidden: 16}", "train.log_steps=true", "train.verbose=0", "train.validate=false"]
 
 
@@ -100,14 +102,15 @@ def test_find_checkpoint(tmp_path):
     Checkpointer(str(tmp_path / "checkpoints"), stages, pipe.optimizer).save(5, 0, 10)
     assert find_checkpoint(str(tmp_path)).endswith("ckpt-5")
     assert find_checkpoint(str(tmp_path / "checkpoints" / "ckpt-5")).endswith("ckpt-5")
-    with pytest.raises(FileNotFoundError, match=r"--checkpoint '.*nowhere': no checkpoint found"):
+    with pytest.raises(CheckpointError, match=r"checkpoint '.*nowhere': no checkpoint found"):
         find_checkpoint(str(tmp_path / "nowhere"))
 
 
 # ------------------------------------------------------------------ real processes
 
-def run_train(run_dir, *overrides, env=None, **popen):
-    cmd = [sys.executable, "-m", "pipeline", "train", CONFIG, "--run-dir", str(run_dir)]
+def run_train(run_dir, *overrides, kill_after=None, env=None, **popen):
+    launcher = ["-m", "pipeline"] if kill_after is None else [KILL_SCRIPT, str(kill_after)]
+    cmd = [sys.executable, *launcher, "train", CONFIG, "--run-dir", str(run_dir)]
     for item in (*SMALL, *overrides):
         cmd += ["--set", item]
     full_env = {**os.environ, "PIPELINE_CPU_DEVICES": "2", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
@@ -128,7 +131,7 @@ def step_losses(run_dir):
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     args = ("train.epochs=2", "train.steps_per_epoch=8", "checkpoint.every_steps=3")
     straight = run_train(tmp_path / "a", *args)
-    killed = run_train(tmp_path / "b", *args, env={"PIPELINE_FAULT_KILL_AFTER_STEP": "7"})
+    killed = run_train(tmp_path / "b", *args, kill_after=7)
     out_a, _ = straight.communicate(timeout=240)
     out_b, _ = killed.communicate(timeout=240)
     assert straight.returncode == 0, out_a

@@ -34,6 +34,7 @@ def test_shipped_config_loads(path, tmp_path):
     cfg = load_config(path, overrides)
     assert isinstance(cfg, Config)
     assert cfg.split.stages >= 2
+    assert cfg.train.validate and cfg.data.validation_split > 0  # validates on a validation set, never the test set
 
 
 def test_image_folder_config_rejects_its_placeholder_folder():
@@ -102,6 +103,12 @@ REJECTIONS = [
     ("key_of_other_source", {"data.path": "/tmp"},
      r"data\.path: got '/tmp'; not used with source 'digits' \(only with: image_folder\)"),
     ("bad_fraction", {"data.test_fraction": 1.5}, r"data\.test_fraction: got 1\.5; must be a fraction strictly"),
+    ("validation_split_one", {"data.validation_split": 1.0},
+     r"data\.validation_split: got 1\.0; must be a fraction >= 0 and < 1 \(0: no validation set\)"),
+    ("validation_split_negative", {"data.validation_split": -0.1}, r"data\.validation_split: got -0\.1; must be"),
+    ("old_validation_fraction", {"data.validation_fraction": 0.2},
+     r"data\.validation_fraction: got 0\.2; renamed: the test share is data\.test_fraction; "
+     r"data\.validation_split is the share of the training set held out for validation"),
     ("tfds_without_name", {"data.source": "tfds", "data.image_size": [8, 8]},
      r"data\.name: got None; source tfds needs a TFDS dataset name"),
     ("tfds_without_size", {"data.source": "tfds", "data.name": "mnist"},
@@ -174,3 +181,15 @@ def test_error_names_the_file(tmp_path):
     path.write_text("train: {epochs: -2}\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: train\.epochs: got -2; must be >= 1"):
         load_config(path)
+
+
+def test_lists_come_from_their_one_home():
+    from pipeline.core import balance, schedule
+    from pipeline.train import config
+
+    assert set(config.SCHEDULES) == set(schedule.NAMES) and list(config.SCHEDULES) == sorted(config.SCHEDULES)
+    assert config.BALANCE_MODES is balance.BALANCE_MODES
+
+
+def test_validation_split_zero_is_allowed():
+    assert from_dict(base(), ["data.validation_split=0"]).data.validation_split == 0.0

@@ -124,9 +124,11 @@ RUN_ARGS = ["--set", "train.epochs=2", "--set", "train.steps_per_epoch=6", "--se
             "--set", "train.verbose=0", "--set", "train.validate=false"]
 
 
-def train_2_ranks(run_dir, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return horovodrun(2, sys.executable, "-m", "pipeline", "train", "configs/digits_cnn.yaml",
-                      "--run-dir", str(run_dir), *RUN_ARGS, *extra, env=env)
+def train_2_ranks(run_dir, *extra: str, kill_after: int | None = None) -> subprocess.CompletedProcess:
+    """``pipeline train`` on 2 ranks; with ``kill_after`` every rank SIGKILLs itself after that step."""
+    launcher = ["-m", "pipeline"] if kill_after is None else [str(HERE / "kill_script.py"), str(kill_after)]
+    return horovodrun(2, sys.executable, *launcher, "train", "configs/digits_cnn.yaml",
+                      "--run-dir", str(run_dir), *RUN_ARGS, *extra)
 
 
 def checkpoint_values(run_dir) -> dict:
@@ -149,7 +151,7 @@ def test_runner_with_2_ranks_writes_once_and_resumes_after_a_kill(uninterrupted,
     rows = (uninterrupted / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2, "only rank 0 writes the metrics file (one row per epoch)"
 
-    killed = train_2_ranks(tmp_path, env={"PIPELINE_FAULT_KILL_AFTER_STEP": "7"})
+    killed = train_2_ranks(tmp_path, kill_after=7)
     assert killed.returncode != 0, "the fault injection should have killed the ranks at step 7"
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-6")
     resumed = train_2_ranks(tmp_path)

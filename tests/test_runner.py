@@ -125,7 +125,9 @@ def test_evaluate_without_checkpoint(tmp_path, capsys):
 def test_too_many_steps_per_epoch(tmp_path, capsys):
     assert main(["train", os.path.join(ROOT, "configs", "digits_cnn.yaml"), "--run-dir", str(tmp_path),
                  "--set", "train.steps_per_epoch=999"]) == 2
-    assert "train.steps_per_epoch: got 999; the data has only 44 full batches" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert ("config error: train.steps_per_epoch: got 999; the data has only 40 full batches of 32 "
+            "(1293 examples)") in err
 
 
 def test_missing_tensorboard_package_skips_logs_with_a_note(monkeypatch, capsys):
@@ -168,4 +170,33 @@ def test_custom_model_cut_not_in_model(tmp_path, capsys):
     assert main(["train", os.path.join(ROOT, "configs", "digits_cnn.yaml"), "--run-dir", str(tmp_path),
                  "--set", "model={name: 'pipeline.train.models:mlp'}", "--set", "split.cuts=[conv1]"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("pipeline train: error: ") and "conv1" in err and "Traceback" not in err
+    assert err.startswith("pipeline train: config error: split.cuts: got ['conv1']; cut layer 'conv1' is not a layer "
+                          "of model 'mlp'"), err
+    assert "Traceback" not in err
+
+
+def test_validation_set_is_not_the_test_set(tmp_path, capsys):
+    cfg = config("digits_cnn.yaml", "train.steps_per_epoch=3", "train.epochs=1")
+    assert runner.train(cfg, str(tmp_path / "val")) == 0
+    out = capsys.readouterr().out
+    assert "1293 training, 144 validation, 360 test examples" in out
+    assert out.count("[pipeline] test ") == 1  # the test set is evaluated once, after training
+    row = json.loads(open(tmp_path / "val" / "metrics.jsonl").read().splitlines()[-1])
+    test = json.load(open(tmp_path / "val" / "test_metrics.json"))
+    assert "val_accuracy" in row and row["val_accuracy"] != test["accuracy"]
+
+
+def test_no_validation_split_means_no_val_figures(tmp_path, capsys):
+    cfg = config("digits_cnn.yaml", "data.validation_split=0", "train.steps_per_epoch=2", "train.epochs=1")
+    assert runner.train(cfg, str(tmp_path)) == 0
+    assert "note: no validation set (data.validation_split is 0)" in capsys.readouterr().out
+    row = json.loads(open(tmp_path / "metrics.jsonl").read().splitlines()[-1])
+    assert not any(k.startswith("val_") for k in row)
+    assert "accuracy" in json.load(open(tmp_path / "test_metrics.json"))
+
+
+def test_data_error_names_the_config_key(tmp_path, capsys):
+    assert main(["train", os.path.join(ROOT, "configs", "digits_cnn.yaml"), "--run-dir", str(tmp_path),
+                 "--set", "data.batch_size=2000", "--set", "pipeline.microbatches=1"]) == 2
+    err = capsys.readouterr().err
+    assert "pipeline train: config error: data.batch_size: got 2000; larger than the 1293 training examples" in err

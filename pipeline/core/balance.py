@@ -15,6 +15,8 @@ import statistics
 import time
 from typing import Any, Sequence
 
+from pipeline.errors import check_count
+
 BALANCE_MODES = ("params", "time")
 
 
@@ -36,8 +38,7 @@ def partition_points(costs: Sequence[float], num_stages: int) -> list[int]:
         ValueError: if K < 1, K > len(costs) or a cost is negative.
     """
     n = len(costs)
-    if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
-        raise ValueError(f"num_stages must be an integer >= 1, got {num_stages!r}")
+    check_count("num_stages", num_stages)
     if num_stages > n:
         raise ValueError(f"cannot cut {n} item(s) into {num_stages} non-empty stages; use at most {n} stages")
     if any(c < 0 for c in costs):
@@ -132,6 +133,8 @@ def _layer_calls(model: Any, layers: list[Any], sample_input: Any) -> list[tuple
     import keras
     import tensorflow as tf
 
+    from pipeline.core import _compat
+
     if isinstance(model, keras.Sequential):
         calls, x = [], tf.convert_to_tensor(sample_input) if not isinstance(sample_input, (dict, list, tuple)) \
             else sample_input
@@ -141,23 +144,25 @@ def _layer_calls(model: Any, layers: list[Any], sample_input: Any) -> list[tuple
         return calls
     needed: dict[int, Any] = {}
     for layer in layers:
-        for t in layer._inbound_nodes[0].arguments.keras_tensors:  # noqa: SLF001 - no public graph API
+        for t in _compat.call_inputs(layer, call=0):
             needed.setdefault(id(t), t)
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
     probe = keras.Model(inputs, list(needed.values()))
     values = probe(sample_input)
     values = values if isinstance(values, (list, tuple)) else [values]
     table = {key: v for key, v in zip(needed, values)}
-    return [layer._inbound_nodes[0].arguments.fill_in(table) for layer in layers]  # noqa: SLF001
+    return [_compat.fill_call_arguments(layer, table, call=0) for layer in layers]
 
 
 def _profile(layer: Any, args: tuple, kwargs: dict, repeats: int) -> float:
     """Median seconds of forward + backward (input and weight gradients) of one layer."""
     import tensorflow as tf
 
+    from pipeline.core import _compat
+
     inputs = [t for t in tf.nest.flatten((args, kwargs)) if isinstance(t, tf.Tensor) and t.dtype.is_floating]
     variables = list(layer.trainable_variables)
-    if getattr(layer, "_call_has_training_arg", False):
+    if _compat.accepts_training(layer):
         kwargs = {**kwargs, "training": True}
 
     @tf.function

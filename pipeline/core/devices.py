@@ -7,7 +7,7 @@ from typing import Sequence
 import tensorflow as tf
 
 from pipeline.core.runtime import CPU_DEVICES_ENV
-from pipeline.errors import DeviceError
+from pipeline.errors import DeviceError, check_count
 
 
 def setup_cpu_devices(count: int) -> list[str]:
@@ -25,8 +25,7 @@ def setup_cpu_devices(count: int) -> list[str]:
     Raises:
         DeviceError: if TensorFlow already started with fewer logical CPUs.
     """
-    if not isinstance(count, int) or count < 1:
-        raise DeviceError(f"the CPU fallback needs a device count >= 1, got {count!r}")
+    check_count("the CPU fallback's device count", count, error=DeviceError)
     cpu = tf.config.list_physical_devices("CPU")[0]
     current = tf.config.get_logical_device_configuration(cpu)
     if current is not None and len(current) >= count:

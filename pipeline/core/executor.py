@@ -65,11 +65,12 @@ class Executor:
         self.schedule_name = schedule if isinstance(schedule, str) else getattr(schedule, "__name__", "custom")
         self.train_schedule = self.generator(len(self.stages), self.num_microbatches)
         sched.validate(self.train_schedule, self.num_microbatches)
-        self._split_backward = [any(a.op is sched.W for a in row) for row in self.train_schedule]
+        self.split_backward = [any(a.op is sched.W for a in row) for row in self.train_schedule]
+        """Per stage: whether its backward is split into B (input gradient) and W (weight gradient)."""
         self.infer_schedule = sched.forward_only(len(self.stages), self.num_microbatches)
         self.action_hook: ActionHook | None = None
 
-    def _run(self, schedule: sched.Schedule, step: Callable[[sched.Action], list[tf.Tensor]]) -> None:
+    def run_actions(self, schedule: sched.Schedule, step: Callable[[sched.Action], list[tf.Tensor]]) -> None:
         """Builds (or, eagerly, runs) the actions, chaining each device's actions."""
         last: list[list[tf.Tensor]] = [[] for _ in self.stages]
         for action in sched.execution_order(schedule):
@@ -110,7 +111,7 @@ class Executor:
                 outputs[(s, j)] = y
                 return tf.nest.flatten(y)
             upstream = None if stage.is_last else input_grads.pop((s + 1, j))
-            if action.op is sched.B and not self._split_backward[s]:
+            if action.op is sched.B and not self.split_backward[s]:
                 g = stage.backward(j, upstream)
                 produced = list(g or []) + [a for a in stage.gradients() if a is not None]
             elif action.op is sched.B:
@@ -123,7 +124,7 @@ class Executor:
                 input_grads[(s, j)] = g
             return produced
 
-        self._run(self.train_schedule, step)
+        self.run_actions(self.train_schedule, step)
         for stage in self.stages:
             stage.add_regularization()
         y_preds = [outputs.pop((num_stages - 1, j)) for j in range(m)]
@@ -147,7 +148,7 @@ class Executor:
             outputs[(s, j)] = y
             return tf.nest.flatten(y)
 
-        self._run(self.infer_schedule, step)
+        self.run_actions(self.infer_schedule, step)
         with tf.device(self.stages[-1].device):
             return mb_lib.merge([outputs.pop((num_stages - 1, j)) for j in range(m)])
 

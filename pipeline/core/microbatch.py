@@ -13,6 +13,7 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from pipeline.errors import SettingError
+from pipeline.errors import check_count as _check_count
 
 
 def check_count(num_microbatches: Any) -> int:
@@ -21,12 +22,8 @@ def check_count(num_microbatches: Any) -> int:
     Raises:
         ValueError: naming the setting, the value received and what is allowed.
     """
-    if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int) or num_microbatches < 1:
-        raise SettingError(
-            f"microbatches must be an integer >= 1, got {num_microbatches!r}. "
-            "Pass e.g. microbatches=4 (1 disables micro-batching)."
-        )
-    return num_microbatches
+    return _check_count("microbatches", num_microbatches,
+                        hint="Pass e.g. microbatches=4 (1 disables micro-batching).")
 
 
 def batch_size(batch: Any) -> tf.Tensor | int:

@@ -8,14 +8,16 @@ schedule through :class:`pipeline.executor.Executor`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Sequence
 
 import keras
 import tensorflow as tf
 
+from pipeline.core import _compat
 from pipeline.core import devices as devices_lib
 from pipeline.core import microbatch as mb_lib
-from pipeline.errors import SettingError
+from pipeline.errors import CompatError, SettingError
 from pipeline.core.executor import Executor
 from pipeline.core.stage import Stage
 
@@ -74,21 +76,22 @@ class PipelineModel(keras.Model):
         if len(flags) != len(layers):
             raise SettingError(f"recompute lists {len(flags)} flag(s) for {len(layers)} stage(s); "
                                "give True/False, or one bool per stage")
-        self._pipeline_stages = [
+        self.pipeline_stages = [
             Stage(layer, device, i, len(layers), recompute=flag)
             for i, (layer, device, flag) in enumerate(zip(layers, device_names, flags))
         ]
-        self.executor = Executor(self._pipeline_stages, schedule, microbatches)
+        """The :class:`Stage` objects, in pipeline order (:attr:`stages` gives a copy)."""
+        self.executor = Executor(self.pipeline_stages, schedule, microbatches)
         self.gradient_reducer = gradient_reducer
-        _check_known_shapes(self._pipeline_stages)
-        for stage in self._pipeline_stages:
+        _check_known_shapes(self.pipeline_stages)
+        for stage in self.pipeline_stages:
             if stage.layer.built:
                 stage.place()
 
     @property
     def stages(self) -> list[Stage]:
         """The :class:`Stage` objects (layer + device), in pipeline order."""
-        return list(self._pipeline_stages)
+        return list(self.pipeline_stages)
 
     @property
     def microbatches(self) -> int:
@@ -103,14 +106,14 @@ class PipelineModel(keras.Model):
             lambda shape: keras.KerasTensor(tuple(shape), dtype=dtype),
             input_shape, check_types=False,
         ) if not _is_shape(input_shape) else keras.KerasTensor(tuple(input_shape), dtype=dtype)
-        for stage in self._pipeline_stages:
-            spec = _build_stage(stage, spec, self._pipeline_stages)
+        for stage in self.pipeline_stages:
+            spec = _build_stage(stage, spec, self.pipeline_stages)
         self.built = True
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         """Runs the stages one after another on the whole batch (no micro-batching)."""
         x = inputs
-        for stage in self._pipeline_stages:
+        for stage in self.pipeline_stages:
             with tf.device(stage.device):
                 x = stage.layer(x, training=training)
         return x
@@ -129,63 +132,67 @@ class PipelineModel(keras.Model):
             )
         super().compile(*args, jit_compile=False, **kwargs)
 
-    def _ensure_built(self, x: Any, training: bool) -> None:
-        """Builds unbuilt stages on their devices, and the optimizer beside them, eagerly.
-
-        Keras' TensorFlow trainer builds lazily while tracing the step; variables
-        made there would land on the default device, so this lifts both builds
-        out of the trace.
-        """
-        if not all(stage.layer.built for stage in self._pipeline_stages):
-            self.build(tf.nest.map_structure(lambda t: tuple(t.shape), x))
-        if training and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            raise SettingError(
-                "optimizer: LossScaleOptimizer (mixed_float16 loss scaling) is not supported by "
-                "PipelineModel yet; train in float32 or with the 'mixed_bfloat16' policy, which needs "
-                "no loss scaling"
-            )
-        if training and self.optimizer is not None and not self.optimizer.built:
-            with tf.init_scope():
-                self.optimizer.build(self.trainable_variables)
-
     def train_step(self, data: Any) -> dict[str, Any]:
         """One pipelined step: micro-batches forward and back, one optimizer update."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        self._ensure_built(x, training=True)
-        if self._compile_loss is None:
+        _ensure_built(self, x, training=True)
+        compiled_loss = _compat.compiled_loss(self)
+        if compiled_loss is None:
             raise SettingError("PipelineModel has no loss: call compile(loss=...) before fit/evaluate")
         size = mb_lib.batch_size(x)
-        loss_fn = mb_lib.microbatch_loss(self._compile_loss, y, sample_weight, self.executor.num_microbatches, size)
+        loss_fn = mb_lib.microbatch_loss(compiled_loss, y, sample_weight, self.executor.num_microbatches, size)
         result = self.executor.train(x, loss_fn, training=True)
-        grads_and_vars = result.pairs(self._pipeline_stages)
+        grads_and_vars = result.pairs(self.pipeline_stages)
         if grads_and_vars:
             grads, variables = (list(t) for t in zip(*grads_and_vars))
             if self.gradient_reducer is not None:
                 grads = self.gradient_reducer(grads, variables)
             self.optimizer.apply(list(grads), list(variables))
-        self._loss_tracker.update_state(result.loss, sample_weight=size)
-        with tf.device(self._pipeline_stages[-1].device):
+        _compat.loss_metric(self).update_state(result.loss, sample_weight=size)
+        with tf.device(self.pipeline_stages[-1].device):
             y_pred = mb_lib.merge(result.y_preds)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def test_step(self, data: Any) -> dict[str, Any]:
         """Evaluation: a forward-only pipeline, then Keras' loss and metrics on the merged output."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        self._ensure_built(x, training=False)
+        _ensure_built(self, x, training=False)
         y_pred = self.executor.infer(x)
-        loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
-        self._loss_tracker.update_state(loss, sample_weight=mb_lib.batch_size(x))
+        # compute_loss takes `training` since Keras 3.3; an override may still lack it.
+        training = {"training": False} if "training" in inspect.signature(self.compute_loss).parameters else {}
+        loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, **training)
+        _compat.loss_metric(self).update_state(loss, sample_weight=mb_lib.batch_size(x))
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def predict_step(self, data: Any) -> Any:
         """Prediction: a forward-only pipeline over micro-batches."""
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        self._ensure_built(x, training=False)
+        _ensure_built(self, x, training=False)
         return self.executor.infer(x)
 
     def get_config(self) -> dict[str, Any]:
         """Stages are user objects; a PipelineModel is rebuilt in code, not from config."""
         return {"name": self.name}
+
+
+def _ensure_built(model: PipelineModel, x: Any, training: bool) -> None:
+    """Builds unbuilt stages on their devices, and the optimizer beside them, eagerly.
+
+    Keras' TensorFlow trainer builds lazily while tracing the step; variables
+    made there would land on the default device, so this lifts both builds
+    out of the trace.
+    """
+    if not all(stage.layer.built for stage in model.pipeline_stages):
+        model.build(tf.nest.map_structure(lambda t: tuple(t.shape), x))
+    if training and isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
+        raise SettingError(
+            "optimizer: LossScaleOptimizer (mixed_float16 loss scaling) is not supported by "
+            "PipelineModel yet; train in float32 or with the 'mixed_bfloat16' policy, which needs "
+            "no loss scaling"
+        )
+    if training and model.optimizer is not None and not model.optimizer.built:
+        with tf.init_scope():
+            model.optimizer.build(model.trainable_variables)
 
 
 def _is_shape(value: Any) -> bool:
@@ -233,6 +240,8 @@ def _build_stage(stage: Stage, spec: Any, stages: list[Stage]) -> Any:
     """Builds one stage; a failure on stage i > 0 names both stages and shapes."""
     try:
         return stage.build(spec)
+    except CompatError:
+        raise
     except Exception as err:  # noqa: BLE001 - re-raised with the stages named
         if stage.index == 0:
             raise

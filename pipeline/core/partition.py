@@ -9,7 +9,8 @@ from typing import Any, Sequence
 
 import keras
 
-from pipeline.errors import SplitError
+from pipeline.core import _compat
+from pipeline.errors import SplitError, check_count
 
 
 def split(model: keras.Model, cuts: Sequence[str] | None = None, num_stages: int | None = None,
@@ -97,11 +98,10 @@ def _crossing(layers: list, pos: int) -> list[Any]:
     index = {id(layer): i for i, layer in enumerate(layers)}
     crossing: list[Any] = []
     for layer in layers[pos + 1:]:
-        for node in layer._inbound_nodes:  # noqa: SLF001 - Keras keeps no public graph API
-            for tensor in node.arguments.keras_tensors:
-                producer = tensor._keras_history.operation  # noqa: SLF001
-                if index.get(id(producer), -1) <= pos and all(tensor is not t for t in crossing):
-                    crossing.append(tensor)
+        for tensor in _compat.call_inputs(layer):
+            producer = _compat.producer(tensor)
+            if index.get(id(producer), -1) <= pos and all(tensor is not t for t in crossing):
+                crossing.append(tensor)
     return crossing
 
 
@@ -109,9 +109,10 @@ def _split_functional(model: keras.Model, layers: list, positions: list[int]) ->
     boundaries = []
     for pos in positions:
         layer = layers[pos]
-        if len(layer._inbound_nodes) != 1:  # noqa: SLF001
+        calls = _compat.call_count(layer)
+        if calls != 1:
             raise SplitError(
-                f"cut layer {layer.name!r} is called {len(layer._inbound_nodes)} times in the model; "  # noqa: SLF001
+                f"cut layer {layer.name!r} is called {calls} times in the model; "
                 "cut at a layer that is used once"
             )
         out = layer.output
@@ -119,7 +120,7 @@ def _split_functional(model: keras.Model, layers: list, positions: list[int]) ->
         others = [t for t in crossing if t is not out]
         if others:
             described = ", ".join(
-                f"{t._keras_history.operation.name} output {tuple(t.shape)}" for t in others  # noqa: SLF001
+                f"{_compat.producer(t).name} output {tuple(t.shape)}" for t in others
             )
             raise SplitError(
                 f"cannot cut after layer {layer.name!r}: its output is not the only tensor crossing "
@@ -139,8 +140,7 @@ def _split_functional(model: keras.Model, layers: list, positions: list[int]) ->
 
 def _balanced_cuts(model: keras.Model, layers: list, num_stages: int, balance: str,
                    sample_input: Any) -> list[str]:
-    if not isinstance(num_stages, int) or num_stages < 1:
-        raise SplitError(f"num_stages must be an integer >= 1, got {num_stages!r}")
+    check_count("num_stages", num_stages, error=SplitError)
     candidates = _valid_cut_positions(model, layers)
     if num_stages - 1 > len(candidates):
         raise SplitError(
@@ -165,7 +165,7 @@ def _valid_cut_positions(model: keras.Model, layers: list) -> list[int]:
         return list(range(len(layers) - 1))
     valid = []
     for pos, layer in enumerate(layers[:-1]):
-        if len(layer._inbound_nodes) != 1:  # noqa: SLF001
+        if _compat.call_count(layer) != 1:
             continue
         crossing = _crossing(layers, pos)
         if len(crossing) == 1 and crossing[0] is layer.output:

@@ -23,25 +23,22 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from pipeline.core import _compat
 from pipeline.errors import RecomputeError
 
 
 def _state(layer: keras.layers.Layer) -> list[Any]:
-    """Non-trainable Keras variables whose values a forward may read and update."""
+    """Non-trainable Keras variables whose values a forward may read and update.
+
+    Keras lists its dropout seed-generator states among ``non_trainable_variables``
+    (contract test in tests/test_compat.py), so these include them.
+    """
     seen, state = set(), []
-    for v in list(layer.non_trainable_variables) + _seed_states(layer):
+    for v in layer.non_trainable_variables:
         if id(v) not in seen:
             seen.add(id(v))
             state.append(v)
     return state
-
-
-def _seed_states(layer: keras.layers.Layer) -> list[Any]:
-    states = []
-    for sub in layer._flatten_layers(include_self=True):  # noqa: SLF001 - no public traversal of seeds
-        for gen in getattr(sub, "_seed_generators", []) or []:
-            states.append(gen.state)
-    return states
 
 
 def call(layer: keras.layers.Layer, x: Any, training: bool | None = None) -> Any:
@@ -75,7 +72,7 @@ def call(layer: keras.layers.Layer, x: Any, training: bool | None = None) -> Any
     @tf.custom_gradient
     def forward(*inputs: tf.Tensor):
         outputs = run(list(inputs))
-        if _own_losses(layer):
+        if _compat.call_losses(layer):
             raise RecomputeError(
                 f"layer {layer.name!r} adds losses during its call (add_loss or an activity "
                 "regularizer); their gradients cannot pass a recomputed stage. Use recompute=False "
@@ -97,10 +94,3 @@ def call(layer: keras.layers.Layer, x: Any, training: bool | None = None) -> Any
     outputs = forward(*flat_x)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     return tf.nest.pack_sequence_as(structure[0], list(outputs))
-
-
-def _own_losses(layer: keras.layers.Layer) -> list[Any]:
-    losses = []
-    for sub in layer._flatten_layers(include_self=True):  # noqa: SLF001
-        losses.extend(sub._get_own_losses())  # noqa: SLF001
-    return losses

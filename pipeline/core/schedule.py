@@ -7,7 +7,7 @@ import enum
 import re
 from typing import Callable, Iterator, Sequence
 
-from pipeline.errors import ScheduleError, SettingError
+from pipeline.errors import ScheduleError, SettingError, check_count
 
 Schedule = list[list["Action"]]
 """One ordered list of actions per stage (stage ``i`` runs ``schedule[i]`` in order)."""
@@ -59,9 +59,8 @@ class Action:
 
 
 def _check_sizes(num_stages: int, num_microbatches: int) -> None:
-    for name, value in (("num_stages", num_stages), ("num_microbatches", num_microbatches)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise SettingError(f"{name} must be an integer >= 1, got {value!r}")
+    check_count("num_stages", num_stages)
+    check_count("num_microbatches", num_microbatches)
 
 
 def gpipe(num_stages: int, num_microbatches: int) -> Schedule:

@@ -10,26 +10,16 @@ never a Jacobian: one backward pass, exact, memory of one activation set.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import keras
 import tensorflow as tf
-from keras.src import backend as keras_backend  # compute_output_spec builds by calling
-from keras.src.backend.common import global_state
 
+from pipeline.core import _compat
 from pipeline.core import recompute as recompute_lib
 
 LossFn = Callable[[int, Any], tf.Tensor]
 """``loss_fn(microbatch, y_pred) -> scalar``: the last stage's loss for one micro-batch."""
-
-
-def call_losses(layer: keras.layers.Layer) -> list[tf.Tensor]:
-    """Losses added during the last call (``add_loss``, activity regularizers), no weight terms."""
-    losses = []
-    for sub in layer._flatten_layers(include_self=True):  # noqa: SLF001 - Keras has no public API
-        losses.extend(sub._get_own_losses())  # noqa: SLF001
-    return losses
 
 
 class _Saved:
@@ -63,8 +53,10 @@ class Stage:
         self.device = device
         self.index = index
         self.num_stages = num_stages
-        self._saved: dict[int, _Saved] = {}
-        self._grads: list[tf.Tensor | None] = []
+        self.saved_tapes: dict[int, _Saved] = {}
+        """Per micro-batch in flight: the tape and endpoints its backward needs."""
+        self.grad_sums: list[tf.Tensor | None] = []
+        """Float32 gradient sums since :meth:`reset`, one per trainable variable (``None``: none yet)."""
         self.step_losses: list[tf.Tensor] = []
         """Scalar losses of this mini-batch: micro-batch losses, call-time losses, regularization."""
         self.in_flight = 0
@@ -101,8 +93,8 @@ class Stage:
         Returns:
             The stage's output spec.
         """
-        with _outside_keras_scopes(), tf.device(self.device):
-            output_spec = keras_backend.compute_output_spec(self.layer, input_spec)
+        with _compat.outside_keras_scopes(), tf.device(self.device):
+            output_spec = _compat.compute_output_spec(self.layer, input_spec)
         self.place()
         return output_spec
 
@@ -118,13 +110,13 @@ class Stage:
             if _same_device(current.device, self.device):
                 continue
             with tf.device(self.device):
-                variable._initialize(tf.identity(current))  # noqa: SLF001 - re-create in place
+                _compat.recreate_variable(variable, tf.identity(current))
 
     def reset(self) -> None:
         """Starts a new mini-batch: clears saved tapes and gradient accumulators."""
-        self._saved.clear()
+        self.saved_tapes.clear()
         self.step_losses = []
-        self._grads = [None] * len(self.trainable_variables)
+        self.grad_sums = [None] * len(self.trainable_variables)
         self.in_flight = 0
 
     def forward(self, microbatch: int, x: Any, training: bool = True,
@@ -153,22 +145,15 @@ class Stage:
                 else:
                     y = self.layer(x, training=training)
                 scalars = [loss_fn(microbatch, y)] if loss_fn is not None else []
-                extra = call_losses(self.layer)
+                extra = _compat.call_losses(self.layer)
                 if extra:
                     scalars.append(tf.add_n([tf.cast(t, tf.float32) for t in extra]))
                 targets = (scalars if loss_fn is not None else list(tf.nest.flatten(y)) + scalars)
         self.step_losses.extend(scalars)
-        self._saved[microbatch] = _Saved(inputs, targets, tape)
+        self.saved_tapes[microbatch] = _Saved(inputs, targets, tape)
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         return y
-
-    def _output_gradients(self, saved: _Saved, grad: Any) -> list[tf.Tensor] | None:
-        if grad is None and len(saved.targets) == 1:
-            return None
-        grads = [] if grad is None else list(tf.nest.flatten(grad))
-        grads += [tf.ones_like(t) for t in saved.targets[len(grads):]]
-        return grads
 
     def backward(self, microbatch: int, grad: Any = None) -> list[tf.Tensor] | None:
         """Backward of one micro-batch: one VJP for input and weights together.
@@ -181,14 +166,14 @@ class Stage:
         Returns:
             The gradient of the stage input (flat list), or ``None`` on the first stage.
         """
-        saved = self._saved.pop(microbatch)
+        saved = self.saved_tapes.pop(microbatch)
         variables = self.trainable_variables
         with tf.device(self.device):
             grads = saved.tape.gradient(
                 saved.targets, saved.inputs + variables,
-                output_gradients=self._output_gradients(saved, grad),
+                output_gradients=_output_gradients(saved, grad),
             )
-            self._accumulate(grads[len(saved.inputs):])
+            self.accumulate(grads[len(saved.inputs):])
         self.in_flight -= 1
         return grads[: len(saved.inputs)] if saved.inputs else None
 
@@ -197,9 +182,9 @@ class Stage:
 
         The tape is kept for :meth:`backward_weight` of the same micro-batch.
         """
-        saved = self._saved[microbatch]
+        saved = self.saved_tapes[microbatch]
         with tf.device(self.device):
-            out_grads = self._output_gradients(saved, grad)
+            out_grads = _output_gradients(saved, grad)
             saved.input_grads = out_grads
             if not saved.inputs:
                 return None
@@ -207,12 +192,12 @@ class Stage:
 
     def backward_weight(self, microbatch: int) -> None:
         """Second half of a split backward: accumulate the weight gradients."""
-        saved = self._saved.pop(microbatch)
+        saved = self.saved_tapes.pop(microbatch)
         with tf.device(self.device):
             grads = saved.tape.gradient(
                 saved.targets, self.trainable_variables, output_gradients=saved.input_grads
             )
-            self._accumulate(grads)
+            self.accumulate(grads)
         self.in_flight -= 1
 
     def add_regularization(self) -> tf.Tensor | None:
@@ -221,38 +206,31 @@ class Stage:
             return None
         with tf.device(self.device):
             with tf.GradientTape() as tape:
-                reg = tf.add_n([tf.cast(r, tf.float32) for r in self.layer._get_regularization_losses()])  # noqa: SLF001
-            self._accumulate(tape.gradient(reg, self.trainable_variables))
+                reg = tf.add_n([tf.cast(r, tf.float32) for r in _compat.regularization_losses(self.layer)])
+            self.accumulate(tape.gradient(reg, self.trainable_variables))
         self.step_losses.append(reg)
         return reg
 
-    def _accumulate(self, grads: list[Any]) -> None:
+    def accumulate(self, grads: list[Any]) -> None:
+        """Adds ``grads`` (one per trainable variable, ``None`` to skip) to :attr:`grad_sums` in float32."""
         for i, g in enumerate(grads):
             if g is None:
                 continue
             g = tf.cast(tf.convert_to_tensor(g), tf.float32)
-            self._grads[i] = g if self._grads[i] is None else self._grads[i] + g
+            self.grad_sums[i] = g if self.grad_sums[i] is None else self.grad_sums[i] + g
 
     def gradients(self) -> list[tf.Tensor | None]:
         """The float32 gradients accumulated since :meth:`reset`, one per trainable variable."""
-        return list(self._grads)
+        return list(self.grad_sums)
 
 
-@contextlib.contextmanager
-def _outside_keras_scopes() -> Iterator[None]:
-    """Leaves Keras' symbolic/stateless scopes and TF graphs so variables are created eagerly."""
-    saved = {key: global_state.get_global_attribute(key) for key in _KERAS_SCOPES}
-    for key in _KERAS_SCOPES:
-        global_state.set_global_attribute(key, None)
-    try:
-        with tf.init_scope():
-            yield
-    finally:
-        for key, value in saved.items():
-            global_state.set_global_attribute(key, value)
-
-
-_KERAS_SCOPES = ("stateless_scope", "symbolic_scope")
+def _output_gradients(saved: _Saved, grad: Any) -> list[tf.Tensor] | None:
+    """The ``output_gradients`` of a backward: the cut-layer gradient, then ones for the extra loss scalars."""
+    if grad is None and len(saved.targets) == 1:
+        return None
+    grads = [] if grad is None else list(tf.nest.flatten(grad))
+    grads += [tf.ones_like(t) for t in saved.targets[len(grads):]]
+    return grads
 
 
 def _same_device(actual: str, wanted: str) -> bool:

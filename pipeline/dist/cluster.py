@@ -14,12 +14,14 @@ from typing import Any, Callable, Iterator, Mapping
 
 import tensorflow as tf
 
+from pipeline.core import _compat
 from pipeline.errors import ClusterError
 
 DEFAULT_JOB = "worker"
 DEFAULT_TIMEOUT = 60.0
 """Seconds a task may stay silent before the trainer fails naming it."""
-WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]", "*")
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")
+"""Host names that mean "every interface" (an IPv6 host may be bracketed: ``[::]``), see :func:`is_wildcard`."""
 
 Resolver = tf.distribute.cluster_resolver.ClusterResolver
 
@@ -116,8 +118,8 @@ def _split_address(address: str) -> tuple[str, int]:
 
 
 def is_wildcard(host: str) -> bool:
-    """Whether ``host`` means "every interface" (``0.0.0.0``, ``::``, empty)."""
-    return host.strip("[]") in ("", "0.0.0.0", "::", "*")
+    """Whether ``host`` means "every interface" (one of :data:`WILDCARD_HOSTS`, brackets ignored)."""
+    return host.strip("[]") in WILDCARD_HOSTS
 
 
 def check_addresses(spec: tf.train.ClusterSpec, allow_wildcard: bool = False) -> None:
@@ -405,29 +407,29 @@ class Watchdog(threading.Thread):
         self.timeout = timeout
         self.interval = interval or max(0.5, min(5.0, timeout / 4))
         self.exit_code = exit_code
-        self._stop_event = threading.Event()
+        self.stop_event = threading.Event()
 
     def stop(self) -> None:
         """Stops watching (e.g. before shutting the workers down on purpose)."""
-        self._stop_event.set()
+        self.stop_event.set()
 
     def run(self) -> None:  # noqa: D102 - thread body
         down_since: dict[int, float] = {}
-        while not self._stop_event.wait(self.interval):
+        while not self.stop_event.wait(self.interval):
             for k, (job, task, address) in enumerate(self.tasks):
                 if _reachable(address, self.interval):
                     down_since.pop(k, None)
                     continue
                 first = down_since.setdefault(k, time.monotonic())
                 if time.monotonic() - first >= self.timeout:
-                    self._abort(f"task /job:{job}/task:{task} at {address} stopped answering "
+                    self.abort(f"task /job:{job}/task:{task} at {address} stopped answering "
                                 f"(unreachable for {self.timeout:g} s); aborting the run")
 
-    def _abort(self, message: str) -> None:
-        if self._stop_event.is_set():
+    def abort(self, message: str) -> None:
+        if self.stop_event.is_set():
             return
         print(f"pipeline: ClusterError: {message}", file=sys.stderr, flush=True)
-        os._exit(self.exit_code)  # noqa: SLF001 - the main thread may be blocked inside TF
+        _compat.hard_exit(self.exit_code)  # the main thread may be blocked inside TF
 
 
 def _reachable(address: str, timeout: float) -> bool:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import keras
 import tensorflow as tf
 
-from pipeline.errors import ReplicaError
+from pipeline.errors import ReplicaError, SettingError, check_count
 
 BACKENDS = ("auto", "horovod", "none")
 STALL_CHECK_SECONDS = 60
@@ -295,7 +295,7 @@ def barrier() -> None:
 
 
 def shard(data: Any, index: int | None = None, count: int | None = None) -> Any:
-    """This replica's share of the data.
+    """This replica's share of the data (the one sharding rule: example ``i`` goes to replica ``i mod count``).
 
     A ``tf.data.Dataset`` is sharded element-wise (``dataset.shard(count, index)``)
     before batching, so replica r of R sees elements r, r+R, ...: batching each
@@ -307,14 +307,24 @@ def shard(data: Any, index: int | None = None, count: int | None = None) -> Any:
         data: an unbatched ``tf.data.Dataset``, or an array / nest of arrays.
         index: shard index (default: :func:`rank`).
         count: number of shards (default: :func:`size`).
+
+    Raises:
+        SettingError: ``count`` is not an integer >= 1, or ``index`` is not in ``[0, count)``.
     """
     index = rank() if index is None else index
-    count = size() if count is None else count
+    count = check_count("count", size() if count is None else count)
+    if not 0 <= index < count:
+        raise SettingError(f"shard index {index} must be in [0, {count})")
     if count == 1:
         return data
     if isinstance(data, tf.data.Dataset):
         return data.shard(count, index)
     return tf.nest.map_structure(lambda a: a[index::count], data)
+
+
+def shard_size(total: int, index: int, count: int) -> int:
+    """How many of ``total`` examples :func:`shard` gives to replica ``index`` of ``count``."""
+    return len(range(index, total, count))
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -400,11 +410,11 @@ class ChiefWriter:
     """
 
     def __init__(self, checkpointer: Any):
-        self._inner = checkpointer
+        self.inner = checkpointer
 
     def save(self, *args: Any, **kwargs: Any) -> str:
         """Saves on rank 0; on other ranks a no-op returning ``""``."""
-        return self._inner.save(*args, **kwargs) if is_chief() else ""
+        return self.inner.save(*args, **kwargs) if is_chief() else ""
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+        return getattr(self.inner, name)

@@ -45,14 +45,12 @@ def trace_actions(logdir: str) -> tuple[list[sim.Interval], dict[str, Any]]:
         first action's start) and per-thread busy seconds plus the
         seconds during which two or more threads ran ops at once (``overlap``).
     """
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    from pipeline.core import _compat
 
     paths = sorted(glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb")))
     if not paths:
         raise FileNotFoundError(f"no profiler trace under {logdir!r}")
-    space = xplane_pb2.XSpace()
-    with open(paths[-1], "rb") as f:
-        space.ParseFromString(f.read())
+    space = _compat.read_xspace(paths[-1])
     spans: dict[str, list[float]] = {}
     per_thread: dict[str, list[tuple[float, float]]] = {}
     for plane in space.planes:

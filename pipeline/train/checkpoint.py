@@ -17,9 +17,6 @@ from pipeline.errors import CheckpointError
 PREEMPTED_EXIT_CODE = 75
 """Exit code of a run stopped by SIGTERM/SIGUSR1 after writing a checkpoint (EX_TEMPFAIL: rerun to resume)."""
 
-FAULT_ENV = "PIPELINE_FAULT_KILL_AFTER_STEP"
-"""Fault injection for tests: the process SIGKILLs itself right after this global step."""
-
 log = logging.getLogger(__name__)
 
 
@@ -105,7 +102,7 @@ class Preemption:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
+        self.previous_handlers: dict[int, Any] = {}
 
     @property
     def requested(self) -> bool:
@@ -116,18 +113,18 @@ class Preemption:
         """Installs the handlers (main thread only); returns ``self``."""
         for sig in self.SIGNALS:
             try:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                self.previous_handlers[sig] = signal.signal(sig, self.handle)
             except ValueError:  # not the main thread: no preemption handling here
                 log.warning("preemption signals not handled: train() runs outside the main thread")
         return self
 
     def uninstall(self) -> None:
         """Puts back the handlers that were there before :meth:`install`."""
-        for sig, handler in self._previous.items():
+        for sig, handler in self.previous_handlers.items():
             signal.signal(sig, handler)
-        self._previous.clear()
+        self.previous_handlers.clear()
 
-    def _handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal API
+    def handle(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal API
         self.signum = signum
         print(f"\n[pipeline] received {signal.Signals(signum).name}: finishing this step, then checkpoint and "
               f"exit {PREEMPTED_EXIT_CODE}", flush=True)
@@ -168,8 +165,6 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.preemption = preemption
         self.last_saved = start_step
         self.preempted = False
-        kill_after = os.environ.get(FAULT_ENV)
-        self.kill_after = int(kill_after) if kill_after else None
 
     def save(self) -> str:
         """Saves now (at the current global step)."""
@@ -178,7 +173,7 @@ class CheckpointCallback(keras.callbacks.Callback):
                                       self.steps_per_epoch)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        """Counts the step; saves on schedule; handles preemption and test fault injection."""
+        """Counts the step; saves on schedule; on a preemption request, saves and stops training."""
         self.global_step += 1
         if self.global_step % self.every_steps == 0:
             self.save()
@@ -187,8 +182,6 @@ class CheckpointCallback(keras.callbacks.Callback):
                 self.save()
             self.preempted = True
             self.model.stop_training = True
-        if self.kill_after is not None and self.global_step >= self.kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         """Saves at each epoch end (unless that step was just saved)."""

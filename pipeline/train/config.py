@@ -10,14 +10,19 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from pipeline.core import schedule as _schedule
+from pipeline.core.balance import BALANCE_MODES
+from pipeline.errors import SettingError, check_count
+from pipeline.train import models
 from pipeline.train.typed_yaml import ConfigError
 from pipeline.train.typed_yaml import build as _build
 from pipeline.train.typed_yaml import fail as _fail
 from pipeline.train.typed_yaml import keys as _keys
 from pipeline.train.typed_yaml import plain as _plain
+from pipeline.train.typed_yaml import rekey as _rekey
 
 SOURCES = ("digits", "tfds", "image_folder", "synthetic")
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = tuple(sorted(_schedule.NAMES))
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "nadam")
 LOSSES = (
     "sparse_categorical_crossentropy", "categorical_crossentropy", "binary_crossentropy",
@@ -28,7 +33,6 @@ METRICS = (
     "sparse_top_k_categorical_accuracy", "top_k_categorical_accuracy", "mae", "mse",
 )
 UNEVEN_POLICIES = ("allow", "forbid")
-BALANCES = ("params", "time")
 
 
 @dataclass(frozen=True)
@@ -79,11 +83,32 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Input data; which fields apply depends on ``source`` (see ``SOURCE_KEYS``)."""
+    """Input data; which fields apply depends on ``source`` (see ``SOURCE_KEYS``).
+
+    Three disjoint sets: *train* (what the optimizer sees), *validation* (``validation_split`` of the
+    training examples, carved out before training; Keras' ``validation_data``, the ``val_*`` figures of
+    each epoch, used to choose epochs and settings) and *test* (held out by the source: ``test_fraction``,
+    ``test_split`` or ``num_test_samples``; evaluated once, after training: ``test_metrics.json``).
+
+    Attributes:
+        source: ``digits``, ``tfds``, ``image_folder`` or ``synthetic``.
+        batch_size: examples per training step (the global batch of one pipeline replica).
+        shuffle_buffer: shuffle buffer of the training stream.
+        validation_split: fraction of the training examples held out as the validation set, in
+            ``[0, 1)``; the same examples on every run with the same ``seed`` (a seeded choice), and
+            the same whether ``train.validate`` is on or off. 0: no validation set, no ``val_*``.
+        name, data_dir, train_split, test_split: the TFDS dataset and its splits (``tfds``).
+        image_size: ``[height, width]`` images are resized to (``tfds``, ``image_folder``).
+        path: a folder with one sub-folder of images per class (``image_folder``).
+        input_shape, num_classes, num_samples, num_test_samples: the random tensors (``synthetic``).
+        test_fraction: the share held out as the test set (``digits``; ``image_folder``, per class;
+            ``tfds`` without ``test_split``).
+    """
 
     source: str = "digits"
     batch_size: int = 32
     shuffle_buffer: int = 1024
+    validation_split: float = 0.1
     # tfds
     name: str | None = None
     data_dir: str | None = None
@@ -93,7 +118,6 @@ class DataConfig:
     image_size: tuple[int, ...] | None = None
     # image_folder
     path: str | None = None
-    validation_fraction: float = 0.2
     # synthetic
     input_shape: tuple[int, ...] | None = None
     num_classes: int = 10
@@ -103,18 +127,22 @@ class DataConfig:
     test_fraction: float = 0.2
 
 
-COMMON_DATA_KEYS = ("source", "batch_size", "shuffle_buffer")
+COMMON_DATA_KEYS = ("source", "batch_size", "shuffle_buffer", "validation_split")
 SOURCE_KEYS = {
     "digits": ("test_fraction",),
     "tfds": ("name", "data_dir", "train_split", "test_split", "image_size", "test_fraction"),
-    "image_folder": ("path", "image_size", "validation_fraction"),
+    "image_folder": ("path", "image_size", "test_fraction"),
     "synthetic": ("input_shape", "num_classes", "num_samples", "num_test_samples"),
 }
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How long to train: epochs, optional steps per epoch, validation after each epoch, per-step loss log."""
+    """How long to train: epochs, optional steps per epoch, validation after each epoch, per-step loss log.
+
+    ``validate``: metrics on the validation set (``data.validation_split``) after each epoch, ``val_*``;
+    the test set is evaluated once, after training, either way.
+    """
 
     epochs: int = 1
     steps_per_epoch: int | None = None
@@ -165,8 +193,12 @@ def _choice(path: str, value: Any, allowed: Sequence[str]) -> None:
 
 
 def _positive(path: str, value: Any, minimum: int = 1) -> None:
-    if value is not None and value < minimum:
-        raise _fail(path, value, f"must be >= {minimum}")
+    if value is None:
+        return
+    try:
+        check_count(path, value, minimum)
+    except SettingError as err:
+        raise _rekey(err, path) from None
 
 
 def _fraction(path: str, value: float) -> None:
@@ -175,8 +207,6 @@ def _fraction(path: str, value: float) -> None:
 
 
 def _check_model(cfg: Config) -> None:
-    from pipeline.train import models  # no TensorFlow at import
-
     name = cfg.model.name
     if ":" in name:
         module, _, func = name.partition(":")
@@ -205,7 +235,7 @@ def _check_split(cfg: Config) -> None:
     if s.cuts and s.num_stages is not None:
         raise ConfigError(f"split: give either cuts ({list(s.cuts)!r}) or num_stages ({s.num_stages!r}), not both")
     _positive("split.num_stages", s.num_stages)
-    _choice("split.balance", s.balance, BALANCES)
+    _choice("split.balance", s.balance, BALANCE_MODES)
     if len(set(s.cuts)) != len(s.cuts):
         raise _fail("split.cuts", list(s.cuts), "each cut layer may appear once")
     devices = cfg.pipeline.devices
@@ -229,7 +259,9 @@ def _check_data(cfg: Config) -> None:
                         f"not used with source {d.source!r} (only with: {', '.join(users)}); "
                         f"keys for {d.source!r}: {', '.join(sorted(allowed))}")
     _fraction("data.test_fraction", d.test_fraction)
-    _fraction("data.validation_fraction", d.validation_fraction)
+    if not 0.0 <= d.validation_split < 1.0:
+        raise _fail("data.validation_split", d.validation_split,
+                    "must be a fraction >= 0 and < 1 (0: no validation set)")
     if d.image_size is not None and (len(d.image_size) != 2 or min(d.image_size) < 1):
         raise _fail("data.image_size", list(d.image_size), "expected [height, width], both >= 1")
     if d.source == "tfds" and not d.name:
@@ -340,6 +372,11 @@ def from_dict(raw: Any, overrides: Sequence[str] = ()) -> Config:
     if not isinstance(raw, Mapping):
         raise _fail("<top level>", raw, f"expected a mapping with keys {_keys(Config)}")
     raw = apply_overrides(dict(raw), overrides)
+    data = raw.get("data")
+    if isinstance(data, Mapping) and "validation_fraction" in data:
+        raise _fail("data.validation_fraction", data["validation_fraction"],
+                    "renamed: the test share is data.test_fraction; data.validation_split is the share of the "
+                    "training set held out for validation")
     return validate(_build(Config, raw, ""))
 
 

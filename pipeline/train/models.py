@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Sequence
 
+from pipeline.errors import invalid
+
 
 def digits_cnn(input_shape: Sequence[int] = (8, 8, 1), num_classes: int = 10, filters: int = 32,
                hidden: int = 128) -> Any:
@@ -111,20 +113,18 @@ def resolve(name: str) -> Callable[..., Any]:
     """The model function for a zoo name or ``"package.module:function"``.
 
     Raises:
-        ConfigError: the module or function cannot be found.
+        SettingError: (setting ``name``) the module or function cannot be found.
     """
-    from pipeline.train.config import ConfigError
-
     if name in ZOO:
         return ZOO[name][0]
     module_name, _, func_name = name.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ConfigError(f"model.name: got {name!r}; cannot import module {module_name!r} ({err})") from None
+        raise invalid("name", name, f"cannot import module {module_name!r} ({err})") from None
     func = getattr(module, func_name, None)
     if not callable(func):
-        raise ConfigError(f"model.name: got {name!r}; module {module_name!r} has no function {func_name!r}")
+        raise invalid("name", name, f"module {module_name!r} has no function {func_name!r}")
     return func
 
 
@@ -132,18 +132,17 @@ def build(name: str, input_shape: Sequence[int], num_classes: int, **args: Any) 
     """Builds a model: ``fn(input_shape=..., num_classes=..., **args)`` returning a Keras model.
 
     Raises:
-        ConfigError: unknown function, or it did not return a Keras model.
+        SettingError: (setting ``name``) unknown function, or it did not return a Keras model; (setting
+            ``args``) the function does not take these arguments.
     """
     import keras
-
-    from pipeline.train.config import ConfigError
 
     func = resolve(name)
     try:
         model = func(input_shape=tuple(input_shape), num_classes=num_classes, **args)
     except TypeError as err:
-        raise ConfigError(f"model.args: got {dict(args)!r}; {name!r} cannot be called with them ({err}); "
-                          f"it takes input_shape, num_classes and: {', '.join(arguments(func))}") from None
+        raise invalid("args", dict(args), f"{name!r} cannot be called with them ({err}); "
+                      f"it takes input_shape, num_classes and: {', '.join(arguments(func))}") from None
     if not isinstance(model, keras.Model):
-        raise ConfigError(f"model.name: {name!r} returned a {type(model).__name__}, not a Keras model")
+        raise invalid("name", name, f"it returned a {type(model).__name__}, not a Keras model")
     return model

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
+from pipeline.errors import DataError, SettingError, SplitError
 from pipeline.train.config import Config, dump
+from pipeline.train.typed_yaml import rekey
+
+
+@contextlib.contextmanager
+def _under_key(section: str, *value: Any, **paths: str) -> Iterator[None]:
+    """Re-raises a library's error, which names its own argument, as a ConfigError under the YAML key path.
+
+    The argument ``setting`` of the error goes under ``paths[setting]`` when given, else ``<section>.<setting>``;
+    an error that names no setting goes under ``section`` (with ``value``, the config's value there, if given).
+    """
+    try:
+        yield
+    except (SettingError, DataError, SplitError) as err:
+        setting = getattr(err, "setting", None)
+        if setting is None:
+            raise rekey(err, section, *value) from None
+        raise rekey(err, paths.get(setting, f"{section}.{setting}")) from None
 
 
 # ------------------------------------------------------------------ building blocks
@@ -94,13 +113,18 @@ def build(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0)) -> Built:
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
-    data = data_lib.load(cfg.data, cfg.seed).shard(*shard)
-    model = models.build(cfg.model.name, data.input_shape, data.num_classes, **cfg.model.args)
+    with _under_key("data"):
+        data = data_lib.load(cfg.data, cfg.seed)
+    data = data.shard(*shard)
+    with _under_key("model"):
+        model = models.build(cfg.model.name, data.input_shape, data.num_classes, **cfg.model.args)
     if cfg.split.cuts:
-        stages = split(model, cuts=list(cfg.split.cuts))
+        with _under_key("split.cuts", list(cfg.split.cuts)):
+            stages = split(model, cuts=list(cfg.split.cuts))
     elif cfg.split.stages > 1:
         sample = next(iter(data.train.batch(cfg.data.batch_size)))[0] if cfg.split.balance == "time" else None
-        stages = split(model, num_stages=cfg.split.stages, balance=cfg.split.balance, sample_input=sample)
+        with _under_key("split.num_stages", cfg.split.num_stages, num_stages="split.num_stages"):
+            stages = split(model, num_stages=cfg.split.stages, balance=cfg.split.balance, sample_input=sample)
     else:
         stages = [model]
     pipe = PipelineModel(stages, devices=device_names, microbatches=cfg.pipeline.microbatches,
@@ -210,7 +234,8 @@ def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, pree
 
     from pipeline.train import data as data_lib
 
-    spe = data_lib.steps_per_epoch(b.data.num_train, cfg.data.batch_size, cfg.train.steps_per_epoch)
+    with _under_key("data", requested="train.steps_per_epoch"):
+        spe = data_lib.steps_per_epoch(b.data.num_train, cfg.data.batch_size, cfg.train.steps_per_epoch)
     start, path = b.checkpointer.restore_latest() if cfg.checkpoint.enabled else (0, None)
     if path:
         saved_spe = int(b.checkpointer.steps_per_epoch.numpy())
@@ -222,7 +247,11 @@ def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, pree
     total = spe * cfg.train.epochs
     print(f"[pipeline] run folder {run_dir}: {len(b.stages)} stages on {b.devices}, "
           f"{cfg.pipeline.microbatches} micro-batches, schedule {cfg.pipeline.schedule}, "
-          f"{spe} steps/epoch x {cfg.train.epochs} epochs", flush=True)
+          f"{spe} steps/epoch x {cfg.train.epochs} epochs; {b.data.num_train} training, "
+          f"{b.data.num_validation} validation, {b.data.num_test} test examples", flush=True)
+    if cfg.train.validate and b.data.validation is None:
+        print("[pipeline] note: no validation set (data.validation_split is 0), so no val_* figures; "
+              "the test set is evaluated once, after training", flush=True)
     ckpt_cb = CheckpointCallback(b.checkpointer, spe, start, cfg.checkpoint.every_steps,
                                  preemption) if cfg.checkpoint.enabled else None
     # Replicas first: broadcast rank 0's state, agree on stopping (a signal on any rank), average logs.
@@ -235,7 +264,9 @@ def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, pree
         callbacks.append(_steps_callback(os.path.join(run_dir, "steps.jsonl"), start))
     if ckpt_cb is not None:
         callbacks.append(ckpt_cb)
-    test = data_lib.eval_dataset(b.data.test, cfg.data.batch_size) if cfg.train.validate else None
+    # Validation (val_*, each epoch) on the validation set; the test set only once, after training.
+    validation = (data_lib.eval_dataset(b.data.validation, cfg.data.batch_size)
+                  if cfg.train.validate and b.data.validation is not None else None)
     epoch, offset = divmod(start, spe)
     # A resumed run first finishes its partial epoch (fewer steps), then runs whole epochs.
     phases = ([(epoch, spe - offset)] if offset else []) + ([(epoch + bool(offset), spe)]
@@ -244,7 +275,7 @@ def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, pree
         last = first + 1 if steps != spe else cfg.train.epochs
         stream = data_lib.train_stream(b.data.train, cfg.data.batch_size, spe, cfg.seed, start_step=first * spe
                                        + (spe - steps), end_epoch=last, shuffle_buffer=cfg.data.shuffle_buffer)
-        b.pipeline.fit(stream, epochs=last, initial_epoch=first, steps_per_epoch=steps, validation_data=test,
+        b.pipeline.fit(stream, epochs=last, initial_epoch=first, steps_per_epoch=steps, validation_data=validation,
                        callbacks=callbacks, verbose=cfg.train.verbose, shuffle=False)
         if ckpt_cb is not None and ckpt_cb.preempted:
             if cfg.checkpoint.requeue:

@@ -7,12 +7,28 @@ import dataclasses
 import typing
 from typing import Any, Mapping
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
+
+_NO_VALUE = object()
 
 
 def fail(path: str, value: Any, allowed: str) -> ConfigError:
     """The error for ``value`` at key ``path``, saying what is allowed."""
     return ConfigError(f"{path}: got {value!r}; {allowed}")
+
+
+def rekey(err: PipelineError, path: str, value: Any = _NO_VALUE) -> ConfigError:
+    """A library's error re-raised under the YAML key ``path`` (the library spoke in its argument names).
+
+    An error made by :func:`pipeline.errors.invalid` or :func:`pipeline.errors.check_count` keeps its value and
+    reason: ``"<path>: got <value>; <reason>"``. Any other error keeps its message: ``"<path>: got <value>;
+    <message>"`` when ``value`` is given, else ``"<path>: <message>"``.
+    """
+    if getattr(err, "reason", None) is not None:
+        return fail(path, err.value, err.reason)
+    if value is not _NO_VALUE:
+        return fail(path, value, str(err))
+    return ConfigError(f"{path}: {err}")
 
 
 def plain(value: Any) -> Any:

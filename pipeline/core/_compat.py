@@ -1,0 +1,221 @@
+"""The one place that uses Keras/TensorFlow internals: small named shims, each with a contract test (tests/test_compat.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Any, Iterator
+
+import keras
+import tensorflow as tf
+from keras.src import backend as keras_backend
+from keras.src.backend.common import global_state
+
+from pipeline.errors import CompatError
+
+TESTED_KERAS = ">=3.10,<3.16"
+"""The Keras versions these shims are tested with; ``pyproject.toml`` pins the same range."""
+
+SCOPE_KEYS = ("stateless_scope", "symbolic_scope")
+"""Keras' global-state keys of ``keras.StatelessScope`` and ``keras.SymbolicScope``."""
+
+
+def _broken(what: str, detail: str) -> CompatError:
+    return CompatError(
+        f"Keras {keras.__version__} (TensorFlow {tf.__version__}) changed an internal that the pipeline "
+        f"relies on: {what} ({detail}). The pipeline is tested with keras{TESTED_KERAS}; install a Keras "
+        f"in that range (pip install 'keras{TESTED_KERAS}')."
+    )
+
+
+def _private(obj: Any, name: str, what: str) -> Any:
+    """``getattr(obj, name)``, or a :class:`CompatError` naming the Keras version if it is gone."""
+    try:
+        return getattr(obj, name)
+    except AttributeError as err:
+        raise _broken(what, f"{type(obj).__name__} has no attribute {name!r}") from err
+
+
+# --- building a stage eagerly on its device -------------------------------------------------
+
+
+@functools.cache
+def _check_scope_keys() -> None:
+    """Checks once that Keras keeps its scopes under :data:`SCOPE_KEYS` (entering the public scopes)."""
+    scopes = (lambda: keras.StatelessScope(initialize_variables=False), keras.SymbolicScope)
+    for key, make in zip(SCOPE_KEYS, scopes):
+        before = global_state.get_global_attribute(key)
+        with make() as scope:
+            found = global_state.get_global_attribute(key)
+        if found is not scope or global_state.get_global_attribute(key) is not before:
+            raise _broken(f"the global-state key of keras.{type(scope).__name__}",
+                          f"entering it did not set {key!r}")
+
+
+@contextlib.contextmanager
+def outside_keras_scopes() -> Iterator[None]:
+    """Leaves Keras' stateless/symbolic scopes and any TF graph, so variables are created eagerly.
+
+    Inside a Keras symbolic build (e.g. the trainer tracing a step) a layer built
+    by calling it would get deferred variables initialised in a scratch graph;
+    in this block it gets real variables, under the caller's ``tf.device``.
+
+    Raises:
+        CompatError: if Keras no longer keeps its scopes under :data:`SCOPE_KEYS`.
+    """
+    _check_scope_keys()
+    saved = {key: global_state.get_global_attribute(key) for key in SCOPE_KEYS}
+    for key in SCOPE_KEYS:
+        global_state.set_global_attribute(key, None)
+    try:
+        with tf.init_scope():
+            yield
+    finally:
+        for key, value in saved.items():
+            global_state.set_global_attribute(key, value)
+
+
+def compute_output_spec(layer: keras.layers.Layer, input_spec: Any) -> Any:
+    """Calls ``layer`` on placeholders for ``input_spec``, building it; returns the output spec.
+
+    Unlike ``layer.compute_output_spec`` this goes through ``layer.__call__``, so
+    layers that make their variables in ``build`` or in ``call`` are built. Use it
+    inside :func:`outside_keras_scopes` so those variables are real.
+
+    Args:
+        layer: the Keras layer or model.
+        input_spec: a ``keras.KerasTensor`` or a nest of them.
+
+    Returns:
+        The output as ``keras.KerasTensor`` (nest).
+    """
+    fn = _private(keras_backend, "compute_output_spec", "keras.src.backend.compute_output_spec")
+    return fn(layer, input_spec)
+
+
+def recreate_variable(variable: keras.Variable, value: tf.Tensor) -> None:
+    """Re-creates the backend variable behind ``variable`` from ``value`` under the current ``tf.device``.
+
+    The Keras variable object stays the same (layers, optimizers and checkpoints
+    keep referring to it); only its TensorFlow variable, and so its device, is new.
+    """
+    _private(variable, "_initialize", "keras.Variable._initialize (re-creating a variable in place)")(value)
+
+
+# --- losses ---------------------------------------------------------------------------------
+
+
+def call_losses(layer: keras.layers.Layer) -> list[tf.Tensor]:
+    """Losses added during the layer's last call (``add_loss``, activity regularizers), no weight terms.
+
+    ``layer.losses`` adds the weight regularization terms (computed anew); Keras
+    has no public API for the call-time losses alone.
+    """
+    losses: list[tf.Tensor] = []
+    flatten = _private(layer, "_flatten_layers", "Layer._flatten_layers (walking sublayers)")
+    for sub in flatten(include_self=True):
+        losses.extend(_private(sub, "_get_own_losses", "Layer._get_own_losses (call-time losses)")())
+    return losses
+
+
+def regularization_losses(layer: keras.layers.Layer) -> list[tf.Tensor]:
+    """The weight regularization terms of ``layer`` and its sublayers (public route: ``variable.regularizer``)."""
+    return [v.regularizer(v) for v in layer.trainable_weights if v.regularizer is not None]
+
+
+def compiled_loss(model: keras.Model) -> Any:
+    """The loss object ``compile(loss=...)`` made, ``loss(y, y_pred, sample_weight)``; ``None`` before compile.
+
+    It applies ``loss_weights`` and multi-output structure and nothing else (no
+    ``model.losses``), which a per-micro-batch loss needs; ``Model.compute_loss``
+    would add the regularization once per micro-batch.
+    """
+    return _private(model, "_compile_loss", "Model._compile_loss (the compiled loss)")
+
+
+def loss_metric(model: keras.Model) -> keras.metrics.Metric:
+    """The compiled model's metric reported as ``loss`` (public route: ``model.metrics`` by name).
+
+    Raises:
+        CompatError: if a compiled model has no metric named ``loss``.
+    """
+    for metric in model.metrics:
+        if metric.name == "loss":
+            return metric
+    raise _broken("the loss tracker", f"model {model.name!r} has no metric named 'loss' after compile")
+
+
+def accepts_training(layer: keras.layers.Layer) -> bool:
+    """Whether ``layer.call`` takes a ``training`` argument (public route: ``inspect.signature``)."""
+    return "training" in inspect.signature(layer.call).parameters
+
+
+# --- the functional graph -------------------------------------------------------------------
+
+
+def _nodes(layer: keras.layers.Layer) -> list[Any]:
+    return list(_private(layer, "_inbound_nodes", "Layer._inbound_nodes (the functional graph)"))
+
+
+def call_count(layer: keras.layers.Layer) -> int:
+    """How many times ``layer`` is called in the functional graphs it belongs to."""
+    return len(_nodes(layer))
+
+
+def call_inputs(layer: keras.layers.Layer, call: int | None = None) -> list[keras.KerasTensor]:
+    """The symbolic tensors ``layer`` takes: of every call, or of call number ``call``."""
+    nodes = _nodes(layer)
+    nodes = nodes if call is None else [nodes[call]]
+    return [t for node in nodes for t in node.arguments.keras_tensors]
+
+
+def producer(tensor: keras.KerasTensor) -> Any:
+    """The layer (operation) whose call made the symbolic ``tensor``."""
+    history = _private(tensor, "_keras_history", "KerasTensor._keras_history (the functional graph)")
+    return history.operation
+
+
+def fill_call_arguments(layer: keras.layers.Layer, values: dict[int, Any], call: int = 0) -> tuple[tuple, dict]:
+    """The ``(args, kwargs)`` of call number ``call`` of ``layer``, with its symbolic tensors replaced.
+
+    Args:
+        layer: a layer of a functional model.
+        values: ``id(symbolic tensor) -> value`` for every tensor of :func:`call_inputs`.
+        call: which call of the layer.
+
+    Returns:
+        ``args, kwargs`` such that ``layer(*args, **kwargs)`` repeats that call on the values.
+    """
+    return _nodes(layer)[call].arguments.fill_in(values)
+
+
+# --- TensorFlow profiler --------------------------------------------------------------------
+
+
+def read_xspace(path: str) -> Any:
+    """Parses a TensorFlow profiler ``*.xplane.pb`` file into its ``XSpace`` protobuf message.
+
+    Raises:
+        CompatError: if TensorFlow no longer ships the XPlane protobuf module.
+    """
+    try:
+        from tensorflow.tsl.profiler.protobuf import xplane_pb2  # noqa: PLC0415 - only when traces are read
+    except ImportError as err:
+        raise _broken("the profiler's XPlane protobuf", f"cannot import tensorflow.tsl.profiler.protobuf.xplane_pb2: "
+                      f"{err}") from err
+    space = xplane_pb2.XSpace()
+    with open(path, "rb") as f:
+        space.ParseFromString(f.read())
+    return space
+
+
+# --- processes ------------------------------------------------------------------------------
+
+def hard_exit(code: int) -> None:
+    """Ends the process at once, without cleanup (``os._exit``): for a watchdog thread whose main thread
+    may be blocked inside a TensorFlow call that would never return. Not a Keras internal, but the one
+    underscore name of the standard library the package needs, kept here with the others."""
+    import os
+
+    os._exit(code)  # noqa: SLF001

@@ -1,0 +1,249 @@
+"""Contract tests of pipeline/core/_compat.py: each shim against real Keras/TF objects, so a Keras change fails here."""
+
+import glob
+import os
+import tomllib
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline.core import _compat
+from pipeline.errors import CompatError
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def _functional():
+    """x -> a -> shared -> shared; add(a, shared(shared(a))): a layer called twice and a skip connection."""
+    inp = keras.Input((4,), name="x")
+    a = keras.layers.Dense(4, name="a")
+    shared = keras.layers.Dense(4, name="shared")
+    h = a(inp)
+    s1 = shared(h)
+    s2 = shared(s1)
+    out = keras.layers.Add(name="add")([h, s2])
+    return keras.Model(inp, out), (inp, h, s1, s2)
+
+
+class _AddsLoss(keras.layers.Layer):
+    def call(self, x):
+        self.add_loss(3.0 * tf.reduce_sum(x))
+        return x
+
+
+def _with_losses():
+    """Dense with kernel and activity regularizers, then a layer calling add_loss."""
+    return keras.Sequential([
+        keras.Input((3,)),
+        keras.layers.Dense(2, kernel_regularizer=keras.regularizers.L2(0.1),
+                           activity_regularizer=keras.regularizers.L2(0.01), name="d"),
+        _AddsLoss(),
+    ])
+
+
+def test_pyproject_pins_the_tested_keras_range():
+    deps = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    assert f"keras{_compat.TESTED_KERAS}" in deps
+
+
+# --- building a stage eagerly on its device -------------------------------------------------
+
+
+def test_outside_keras_scopes_builds_real_variables_on_the_device_inside_a_symbolic_build():
+    layer = keras.layers.Dense(3)
+    with keras.StatelessScope(), keras.SymbolicScope():
+        with _compat.outside_keras_scopes(), tf.device("/CPU:1"):
+            spec = _compat.compute_output_spec(layer, keras.KerasTensor((None, 4)))
+    assert tuple(spec.shape) == (None, 3) and layer.built
+    for v in layer.variables:  # created at once under /CPU:1, not deferred to the outer scope's exit
+        assert tf.DeviceSpec.from_string(v.value.device).device_index == 1, v.value.device
+
+
+def test_a_renamed_scope_key_fails_loudly(monkeypatch):
+    monkeypatch.setattr(_compat, "SCOPE_KEYS", ("stateless_scope_renamed", "symbolic_scope"))
+    _compat._check_scope_keys.cache_clear()
+    try:
+        with pytest.raises(CompatError, match=rf"Keras {keras.__version__}.*StatelessScope"):
+            with _compat.outside_keras_scopes():
+                pass
+    finally:
+        monkeypatch.undo()
+        _compat._check_scope_keys.cache_clear()
+    with _compat.outside_keras_scopes():
+        pass
+
+
+def test_compute_output_spec_builds_a_nested_model_by_calling_it():
+    model = keras.Sequential([keras.layers.Dense(5), keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+    with _compat.outside_keras_scopes():
+        spec = _compat.compute_output_spec(model, keras.KerasTensor((None, 7)))
+    assert isinstance(spec, keras.KerasTensor) and tuple(spec.shape) == (None, 2)
+    assert model.built and [tuple(v.shape) for v in model.trainable_variables] == [(7, 5), (5,), (5, 2), (2,)]
+    np.testing.assert_equal(model(np.zeros((1, 7), "float32")).shape, (1, 2))
+
+
+def test_recreate_variable_moves_it_and_keeps_the_keras_object():
+    layer = keras.layers.BatchNormalization()
+    with tf.device("/CPU:0"):
+        layer.build((None, 3))
+    kernel, moving = layer.gamma, layer.moving_mean
+    kernel.assign([1.0, 2.0, 3.0])
+    for variable in (kernel, moving):
+        before = variable.numpy()
+        with tf.device("/CPU:2"):
+            _compat.recreate_variable(variable, tf.identity(variable.value))
+        assert tf.DeviceSpec.from_string(variable.value.device).device_index == 2
+        np.testing.assert_array_equal(variable.numpy(), before)
+        assert variable.value.trainable == variable.trainable
+    assert layer.gamma is kernel and any(v is kernel for v in layer.trainable_variables)
+    with tf.GradientTape() as tape:
+        y = layer(tf.ones((4, 3)), training=True)
+    grad = tape.gradient(y, kernel)
+    assert grad is not None
+    kernel.assign_add(tf.ones(3))
+    np.testing.assert_array_equal(layer.gamma.numpy(), [2.0, 3.0, 4.0])
+
+
+# --- losses ---------------------------------------------------------------------------------
+
+
+def test_call_losses_are_the_call_time_losses_without_weight_terms():
+    model = _with_losses()
+    x = tf.constant([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    for _ in range(2):  # a second call replaces the losses of the first
+        y = model(x)
+        losses = _compat.call_losses(model)
+        assert len(losses) == 2
+    dense_out = model.get_layer("d")(x)
+    activity = 0.01 * tf.reduce_sum(tf.square(dense_out)) / 2  # Keras divides by the batch size
+    np.testing.assert_allclose(sorted(float(v) for v in losses),
+                               sorted([float(activity), float(3.0 * tf.reduce_sum(y))]), rtol=1e-5)
+    regs = _compat.regularization_losses(model)
+    assert len(model.losses) == len(losses) + len(regs)
+    np.testing.assert_allclose(float(tf.add_n(model.losses)), float(tf.add_n(losses + regs)), rtol=1e-5)
+
+
+def test_regularization_losses_are_the_weight_terms_of_nested_layers():
+    model = _with_losses()
+    outer = keras.Sequential([keras.Input((3,)), model, keras.layers.Dense(1)])
+    kernel = model.get_layer("d").kernel
+    (reg,) = _compat.regularization_losses(outer)
+    np.testing.assert_allclose(float(reg), 0.1 * float(tf.reduce_sum(tf.square(kernel))), rtol=1e-6)
+    assert _compat.regularization_losses(keras.layers.Dense(2)) == []
+
+
+def test_compiled_loss_is_the_compiled_loss_without_model_losses():
+    model = _with_losses()
+    assert _compat.compiled_loss(model) is None
+    model.compile(loss="mse")
+    y = tf.constant([[1.0, 0.0], [0.0, 2.0]])
+    y_pred = tf.constant([[0.5, 0.5], [1.0, 1.0]])
+    weights = tf.constant([1.0, 3.0])
+    loss = _compat.compiled_loss(model)
+    np.testing.assert_allclose(float(loss(y, y_pred)), float(tf.reduce_mean(tf.square(y - y_pred))), rtol=1e-6)
+    per_sample = tf.reduce_mean(tf.square(y - y_pred), axis=1)
+    np.testing.assert_allclose(float(loss(y, y_pred, weights)), float(tf.reduce_sum(per_sample * weights) / 2),
+                               rtol=1e-6)
+    # Keras' compute_loss (used by test_step) takes `training` and adds model.losses on top.
+    model(tf.ones((2, 3)))
+    total = model.compute_loss(y=y, y_pred=y_pred, training=False)
+    np.testing.assert_allclose(float(total), float(loss(y, y_pred)) + float(tf.add_n(model.losses)), rtol=1e-5)
+
+
+def test_loss_metric_is_the_metric_keras_reports_as_loss():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    logs = model.evaluate(np.ones((4, 3), "float32"), np.zeros((4, 1), "float32"), verbose=0, return_dict=True)
+    metric = _compat.loss_metric(model)
+    assert metric.name == "loss"
+    np.testing.assert_allclose(float(metric.result()), logs["loss"], rtol=1e-6)
+    metric.update_state(100.0)
+    assert float(model.get_metrics_result()["loss"]) > logs["loss"]  # the tracker Keras reads
+
+
+def test_accepts_training_matches_what_keras_passes():
+    seen = []
+
+    class WithTraining(keras.layers.Layer):
+        def call(self, x, training=None):
+            seen.append(training)
+            return x
+
+    class WithoutTraining(keras.layers.Layer):
+        def call(self, x):
+            return x
+
+    model = keras.Sequential([keras.Input((2,)), WithTraining(), WithoutTraining()])
+    model(tf.ones((1, 2)), training=True)
+    assert seen[-1] is True
+    assert _compat.accepts_training(WithTraining()) and not _compat.accepts_training(WithoutTraining())
+    assert _compat.accepts_training(keras.layers.Dropout(0.5)) and _compat.accepts_training(model)
+
+
+def test_seed_states_are_non_trainable_variables():
+    """recompute snapshots ``non_trainable_variables``; dropout masks repeat only if seed states are among them."""
+    drop = keras.layers.Dropout(0.5)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3), keras.Sequential([drop])])
+    assert any(v is drop.seed_generator.state for v in model.non_trainable_variables)
+
+
+# --- the functional graph -------------------------------------------------------------------
+
+
+def test_functional_graph_calls_inputs_and_producers():
+    model, (inp, h, s1, s2) = _functional()
+    a, shared, add = (model.get_layer(n) for n in ("a", "shared", "add"))
+    assert (_compat.call_count(a), _compat.call_count(shared), _compat.call_count(add)) == (1, 2, 1)
+    assert _compat.producer(h) is a and _compat.producer(s2) is shared
+    assert isinstance(_compat.producer(inp), keras.layers.InputLayer)
+    assert [id(t) for t in _compat.call_inputs(add)] == [id(h), id(s2)]
+    assert [id(t) for t in _compat.call_inputs(shared)] == [id(h), id(s1)]
+    assert _compat.call_inputs(shared, call=1)[0] is s1
+
+
+def test_fill_call_arguments_repeats_each_call_on_values():
+    model, (inp, h, s1, s2) = _functional()
+    add, shared = model.get_layer("add"), model.get_layer("shared")
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 4)), tf.float32)
+    hv = model.get_layer("a")(x)
+    s1v = shared(hv)
+    s2v = shared(s1v)
+    args, kwargs = _compat.fill_call_arguments(shared, {id(s1): s1v}, call=1)
+    assert args[0] is s1v and not kwargs
+    args, kwargs = _compat.fill_call_arguments(add, {id(h): hv, id(s2): s2v})
+    np.testing.assert_allclose(add(*args, **kwargs), model(x), rtol=1e-6)
+    assert _compat.call_count(add) == 1  # calling on values adds no node
+
+
+def test_a_missing_internal_fails_loudly():
+    with pytest.raises(CompatError, match=rf"Keras {keras.__version__} .*_keras_history"):
+        _compat.producer(tf.constant(1.0))
+
+
+# --- TensorFlow profiler --------------------------------------------------------------------
+
+
+def test_read_xspace_parses_a_real_profile(tmp_path):
+    @tf.function
+    def step(x):
+        with tf.name_scope("act0F0"):
+            return tf.reduce_sum(tf.matmul(x, x))
+
+    x = tf.ones((8, 8))
+    step(x)
+    tf.profiler.experimental.start(str(tmp_path))
+    try:
+        step(x).numpy()
+    finally:
+        tf.profiler.experimental.stop()
+    (path,) = glob.glob(os.path.join(tmp_path, "plugins", "profile", "*", "*.xplane.pb"))
+    space = _compat.read_xspace(path)
+    names = [plane.event_metadata[event.metadata_id].name
+             for plane in space.planes if plane.name.startswith("/host:CPU")
+             for line in plane.lines for event in line.events]
+    assert any(name.startswith("act0F0/") for name in names), names[:20]
+    event = next(e for p in space.planes if p.name.startswith("/host:CPU") for line in p.lines for e in line.events)
+    assert event.duration_ps >= 0 and event.offset_ps >= 0
