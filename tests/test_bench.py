@@ -1,6 +1,7 @@
 """Bench: every section runs on tiny sizes and reports sane, well-formed figures (no timing asserts)."""
 
 import json
+import math
 
 import pytest
 
@@ -14,38 +15,50 @@ def in_process(monkeypatch):
 
 
 def test_quick_bench_structure(in_process):
+    """Every section runs and reports what it claims to (figures that only restate a formula are not checked)."""
     cfg = dict(bench.QUICK, ms=[1, 8], mem_ms=[2, 4], batch=16, steps=1)
     lines = []
     out = bench.run(cfg, log=lines.append)
     json.dumps(out)  # serializable
-    assert out["overhead"]["ratio"] > 0
+    assert set(out["overhead"]) == {"keras", "pipeline", "ratio"}
     rows = out["speedup"]["rows"]
     assert [r["m"] for r in rows] == [1, 8]
-    for r in rows:
-        assert r["step"] > 0 and r["speedup"] > 0 and r["efficiency"] > 0
-        assert r["ideal"] == pytest.approx(2 * r["m"] / (r["m"] + 1))
-    assert out["simulator"]["m"] == 8 and out["simulator"]["predicted"] > 0
-    assert len(rows[1]["costs"]) == 2
-    assert out["machine"]["contention"] >= 1 and 0 < out["machine"]["parallel_speedup"] <= 2
-    assert 0 <= out["machine"]["profile_m8"]["overlap_fraction"] <= 1
-    assert out["machine"]["efficiency_m8"] > 0
-    sim_out = out["simulator"]
-    assert sim_out["predicted"] == pytest.approx(sim_out["makespan"] + sim_out["overhead"])
-    assert sim_out["ratio"] == pytest.approx(sim_out["predicted"] / sim_out["measured"])
-    assert len(rows[1]["costs_alone"]) == 2
+    assert "costs" not in rows[0]  # the simulator's figures come from the M=8 point only
+    assert len(rows[1]["costs"]) == len(rows[1]["costs_alone"]) == 2  # K=2: one (F, B) pair per stage
+    assert out["simulator"]["m"] == 8
+    # Memory: every point has a TF step peak. Only TF's BFC CPU allocator keeps statistics, and TF picks it by
+    # itself on some processors only: without TF_CPU_ALLOCATOR_USE_BFC=true (conftest) this was None on AMD.
     mem = out["memory"]["rows"]
-    assert {(r["schedule"], r["recompute"]) for r in mem} == {
-        ("gpipe", False), ("gpipe", True), ("1f1b", False), ("1f1b", True)}
-    assert all(r["rss_mb"] > 0 and r["tf_peak_mb"] >= 0 for r in mem)
-    assert set(out["memory"]["rss_growth"]) == set(out["memory"]["growth"])
+    assert sorted((r["schedule"], r["recompute"], r["m"]) for r in mem) == sorted(
+        (s, rc, m) for s in ("gpipe", "1f1b") for rc in (False, True) for m in (2, 4))
+    assert all(isinstance(r["tf_peak_mb"], float) and r["tf_peak_mb"] > 0 for r in mem), mem
     assert set(out["memory"]["growth"]) == {"gpipe", "gpipe +recompute", "1f1b", "1f1b +recompute"}
+    assert all(math.isfinite(g) for g in out["memory"]["growth"].values())  # NaN where a peak is missing
+    # Gradients of the split CNN, each way, against one tape over the unsplit model (in the point's process).
     jac = out["jacobian"]
-    assert jac["tape"]["max_error"] == 0
     assert jac["vjp"]["max_error"] < 1e-5 and jac["jacobian"]["max_error"] < 1e-4
-    assert jac["time_ratio"] > 0
-    assert out["balance"]["predicted_speedup"] > 0
-    assert sum(out["balance"]["equal"]["stage_layers"]) == sum(out["balance"]["time"]["stage_layers"]) == 13
+    # 2 + 10 + 1 layers of the uneven model: the equal split cuts after 7; the time split keeps all 13.
+    assert out["balance"]["equal"]["stage_layers"] == [7, 6]
+    assert sum(out["balance"]["time"]["stage_layers"]) == 13
     assert any(line.startswith("speedup:") for line in lines)
+
+
+def test_gpipe_keeps_every_microbatch_alive():
+    """Peak memory of a step (each point in a fresh process, as the bench runs it): GPipe runs all M forwards
+    before the first backward, so 6 more micro-batches hold at least 6 x the activations one needs for its
+    backward. Not a timing: TF's allocator counts bytes."""
+    micro, width = 64, 256
+    peaks = {}
+    for m in (2, 8):
+        r = bench.run_point({"kind": "step", "mode": "pipeline", "k": 2, "m": m, "schedule": "gpipe",
+                             "recompute": False, "width": width, "layers": 4, "batch": micro * m, "in_dim": 8,
+                             "out_dim": 8, "steps": 1, "threads": [1, 2]})
+        assert isinstance(r["tf_peak_mb"], float), r  # the worker starts TF with the BFC allocator
+        peaks[m] = r["tf_peak_mb"]
+    # Kept for the weight gradients: each of the 8 Dense(256) layers' input, 64 x 256 float32 = 64 KiB,
+    # i.e. 0.5 MiB per micro-batch (measured: +3.1 MiB for 6 more micro-batches; 1F1B, 2 in flight: +0.7 MiB).
+    one_microbatch_mb = 8 * micro * width * 4 / 2**20
+    assert peaks[8] - peaks[2] >= 0.5 * 6 * one_microbatch_mb, peaks
 
 
 def test_worker_protocol_in_a_fresh_process():

@@ -23,16 +23,22 @@ def test_variables_and_optimizer_slots_on_stage_devices():
     for i, stage_model in enumerate(stages):
         for v in stage_model.variables:
             assert _index(v.value.device) == i + 1, (v.path, v.value.device)
-    slots = {id(v): v for v in piped.optimizer.variables}
-    placed = 0
-    for i, stage_model in enumerate(stages):
-        for var in stage_model.trainable_variables:
-            for slot in piped.optimizer.variables:
-                if slot.path.endswith(var.path.replace("/", "_") + "_momentum") or slot.path.endswith(
-                        var.path.replace("/", "_") + "_velocity"):
-                    assert _index(slot.value.device) == i + 1, (slot.path, slot.value.device)
-                    placed += 1
-    assert placed == 2 * len(piped.trainable_variables) and slots
+    optimizer = piped.optimizer
+    # Adam's slots: every optimizer variable but its two scalar counters (iteration, learning rate).
+    slots = [v for v in optimizer.variables
+             if v is not optimizer.iterations and not v.path.endswith("learning_rate")]
+    trainable = [(i, var) for i, stage_model in enumerate(stages) for var in stage_model.trainable_variables]
+    assert len(slots) == 2 * len(trainable) > 0
+    # Wherever their names come from: slot devices and shapes are those of the stage variables, twice each.
+    got = sorted((_index(s.value.device), tuple(s.shape)) for s in slots)
+    want = sorted([(i + 1, tuple(var.shape)) for i, var in trainable] * 2)
+    assert got == want
+    # By name: each variable's momentum and velocity sit on its stage's device.
+    by_path = {s.path: s for s in slots}
+    for i, var in trainable:
+        for kind in ("momentum", "velocity"):
+            slot = by_path[f"{optimizer.name}/{var.path.replace('/', '_')}_{kind}"]
+            assert _index(slot.value.device) == i + 1, (slot.path, slot.value.device)
 
 
 def test_unbuilt_stages_are_built_on_their_devices():

@@ -33,12 +33,17 @@ def check_run_folder(run_dir, epochs=1):
     return rows
 
 
-def test_digits_cnn_reaches_90_percent(tmp_path):
-    """The README's main command: the full digits_cnn config, two stages on the CPU fallback."""
+def test_digits_cnn_reaches_95_percent(tmp_path):
+    """The README's main command: the full digits_cnn config, two stages on the CPU fallback.
+
+    Measured (AMD EPYC, 2 cores): validation 0.986, test 0.972 with the config's seed; 0.972-0.986 and
+    0.969-0.978 over seeds 0-3. With stage 0 never trained (cut-layer gradient zeroed): validation 0.965,
+    test 0.939; after one epoch: validation 0.89-0.94.
+    """
     assert runner.train(config("digits_cnn.yaml"), str(tmp_path)) == 0
     rows = check_run_folder(tmp_path, epochs=5)
-    assert rows[-1]["val_accuracy"] >= 0.90
-    assert json.load(open(tmp_path / "test_metrics.json"))["accuracy"] >= 0.90
+    assert rows[-1]["val_accuracy"] >= 0.95
+    assert json.load(open(tmp_path / "test_metrics.json"))["accuracy"] >= 0.95
 
 
 def test_rerun_of_a_finished_run_trains_nothing(tmp_path, capsys):
