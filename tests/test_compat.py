@@ -247,3 +247,29 @@ def test_read_xspace_parses_a_real_profile(tmp_path):
     assert any(name.startswith("act0F0/") for name in names), names[:20]
     event = next(e for p in space.planes if p.name.startswith("/host:CPU") for line in p.lines for e in line.events)
     assert event.duration_ps >= 0 and event.offset_ps >= 0
+
+
+def test_graph_shims_count_only_the_given_models_nodes():
+    """Building a model from intermediate tensors (what split does) appends cloned nodes to the layers;
+    with ``model=`` the shims see only that model's own calls."""
+    model, (inp, h, s1, s2) = _functional()
+    a, shared, add = (model.get_layer(n) for n in ("a", "shared", "add"))
+    keras.Model(h, s2)  # clones the nodes of shared: 2 more nodes on it
+    assert _compat.call_count(shared) == 4
+    assert _compat.call_count(shared, model) == 2
+    assert _compat.call_count(a, model) == 1
+    assert [id(t) for t in _compat.call_inputs(shared, model=model)] == [id(h), id(s1)]
+    assert _compat.call_outputs(a, model=model)[0] is h
+    assert _compat.call_outputs(shared, call=1, model=model)[0] is s2
+    assert [id(t) for t in _compat.call_inputs(add, model=model)] == [id(h), id(s2)]
+    seq = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    assert _compat.call_count(seq.layers[0], seq) == _compat.call_count(seq.layers[0])
+
+
+def test_seed_generators_finds_dropouts_in_sublayers():
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dropout(0.5, name="d1")])
+    model = keras.Sequential([keras.Input((3,)), inner, keras.layers.Dropout(0.2, name="d2"), keras.layers.Dense(2)])
+    gens = _compat.seed_generators(model)
+    assert len(gens) == 2 and all(isinstance(g, keras.random.SeedGenerator) for g in gens)
+    assert all(g.state.dtype == "int64" for g in gens)
+    assert _compat.seed_generators(keras.layers.Dense(2)) == []

@@ -67,14 +67,6 @@ def test_microbatches_below_one_or_not_int(value):
         pipeline.PipelineModel(two_stages(), microbatches=value)
 
 
-def test_microbatches_larger_than_batch():
-    model = pipeline.PipelineModel(two_stages(), microbatches=8)
-    model.compile("sgd", loss())
-    x, y = data("cnn", n=4)
-    with pytest.raises(ValueError, match=r"microbatches=8 is larger than the batch size 4"):
-        model.fit(x, y, batch_size=4, verbose=0)
-
-
 def test_stage_output_shape_not_accepted_by_next_stage():
     m0 = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5)], name="model_0")
     m1 = keras.Sequential([keras.Input((7,)), keras.layers.Dense(2)], name="model_1")

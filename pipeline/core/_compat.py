@@ -119,6 +119,17 @@ def call_losses(layer: keras.layers.Layer) -> list[tf.Tensor]:
     return losses
 
 
+def seed_generators(layer: keras.layers.Layer) -> list[keras.random.SeedGenerator]:
+    """The ``keras.random.SeedGenerator`` objects held by ``layer`` and its sublayers (e.g. Dropout's)."""
+    found: list[keras.random.SeedGenerator] = []
+    flatten = _private(layer, "_flatten_layers", "Layer._flatten_layers (walking sublayers)")
+    for sub in flatten(include_self=True):
+        for value in vars(sub).values():
+            if isinstance(value, keras.random.SeedGenerator) and all(value is not g for g in found):
+                found.append(value)
+    return found
+
+
 def regularization_losses(layer: keras.layers.Layer) -> list[tf.Tensor]:
     """The weight regularization terms of ``layer`` and its sublayers (public route: ``variable.regularizer``)."""
     return [v.regularizer(v) for v in layer.trainable_weights if v.regularizer is not None]
@@ -154,20 +165,36 @@ def accepts_training(layer: keras.layers.Layer) -> bool:
 # --- the functional graph -------------------------------------------------------------------
 
 
-def _nodes(layer: keras.layers.Layer) -> list[Any]:
-    return list(_private(layer, "_inbound_nodes", "Layer._inbound_nodes (the functional graph)"))
+def _nodes(layer: keras.layers.Layer, model: keras.Model | None = None) -> list[Any]:
+    """The layer's call nodes; with ``model``, only those of ``model``'s own graph.
+
+    Building a functional model from intermediate tensors (as ``split`` does)
+    appends cloned nodes to the layers, so a layer of a model that was split
+    before has more nodes than calls in that model.
+    """
+    nodes = list(_private(layer, "_inbound_nodes", "Layer._inbound_nodes (the functional graph)"))
+    if model is None or isinstance(model, keras.Sequential):
+        return nodes
+    keys = _private(model, "_nodes", "Functional._nodes (the node keys of a functional graph)")
+    return [node for i, node in enumerate(nodes) if f"{id(layer)}_ib-{i}" in keys]
 
 
-def call_count(layer: keras.layers.Layer) -> int:
-    """How many times ``layer`` is called in the functional graphs it belongs to."""
-    return len(_nodes(layer))
+def call_count(layer: keras.layers.Layer, model: keras.Model | None = None) -> int:
+    """How many times ``layer`` is called: in ``model``'s graph, or in every graph it belongs to."""
+    return len(_nodes(layer, model))
 
 
-def call_inputs(layer: keras.layers.Layer, call: int | None = None) -> list[keras.KerasTensor]:
-    """The symbolic tensors ``layer`` takes: of every call, or of call number ``call``."""
-    nodes = _nodes(layer)
+def call_inputs(layer: keras.layers.Layer, call: int | None = None,
+                model: keras.Model | None = None) -> list[keras.KerasTensor]:
+    """The symbolic tensors ``layer`` takes: of every call, or of call number ``call`` (in ``model``'s graph)."""
+    nodes = _nodes(layer, model)
     nodes = nodes if call is None else [nodes[call]]
     return [t for node in nodes for t in node.arguments.keras_tensors]
+
+
+def call_outputs(layer: keras.layers.Layer, call: int = 0, model: keras.Model | None = None) -> list[Any]:
+    """The symbolic tensors call number ``call`` of ``layer`` made (in ``model``'s graph)."""
+    return list(_nodes(layer, model)[call].output_tensors)
 
 
 def producer(tensor: keras.KerasTensor) -> Any:
@@ -176,18 +203,20 @@ def producer(tensor: keras.KerasTensor) -> Any:
     return history.operation
 
 
-def fill_call_arguments(layer: keras.layers.Layer, values: dict[int, Any], call: int = 0) -> tuple[tuple, dict]:
+def fill_call_arguments(layer: keras.layers.Layer, values: dict[int, Any], call: int = 0,
+                        model: keras.Model | None = None) -> tuple[tuple, dict]:
     """The ``(args, kwargs)`` of call number ``call`` of ``layer``, with its symbolic tensors replaced.
 
     Args:
         layer: a layer of a functional model.
         values: ``id(symbolic tensor) -> value`` for every tensor of :func:`call_inputs`.
         call: which call of the layer.
+        model: count calls in this model's graph only.
 
     Returns:
         ``args, kwargs`` such that ``layer(*args, **kwargs)`` repeats that call on the values.
     """
-    return _nodes(layer)[call].arguments.fill_in(values)
+    return _nodes(layer, model)[call].arguments.fill_in(values)
 
 
 # --- TensorFlow profiler --------------------------------------------------------------------

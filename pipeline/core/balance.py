@@ -106,7 +106,8 @@ def layer_costs(model: Any, mode: str, sample_input: Any = None, layers: Sequenc
         layers = [layer for layer in (model.layers if isinstance(model, keras.Sequential) else model.operations)
                   if not isinstance(layer, keras.layers.InputLayer)]
     if mode == "params":
-        return [float(sum(int(_size(w.shape)) for w in layer.weights)) for layer in layers]
+        # Operations that are not layers (keras.ops calls such as relu, not_equal) have no weights.
+        return [float(sum(int(_size(w.shape)) for w in getattr(layer, "weights", ()))) for layer in layers]
     if mode != "time":
         raise ValueError(f"balance={mode!r} is not known; use one of {', '.join(BALANCE_MODES)}")
     if sample_input is None:
@@ -144,14 +145,14 @@ def _layer_calls(model: Any, layers: list[Any], sample_input: Any) -> list[tuple
         return calls
     needed: dict[int, Any] = {}
     for layer in layers:
-        for t in _compat.call_inputs(layer, call=0):
+        for t in _compat.call_inputs(layer, call=0, model=model):
             needed.setdefault(id(t), t)
     inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
     probe = keras.Model(inputs, list(needed.values()))
     values = probe(sample_input)
     values = values if isinstance(values, (list, tuple)) else [values]
     table = {key: v for key, v in zip(needed, values)}
-    return [_compat.fill_call_arguments(layer, table, call=0) for layer in layers]
+    return [_compat.fill_call_arguments(layer, table, call=0, model=model) for layer in layers]
 
 
 def _profile(layer: Any, args: tuple, kwargs: dict, repeats: int) -> float:
@@ -161,7 +162,7 @@ def _profile(layer: Any, args: tuple, kwargs: dict, repeats: int) -> float:
     from pipeline.core import _compat
 
     inputs = [t for t in tf.nest.flatten((args, kwargs)) if isinstance(t, tf.Tensor) and t.dtype.is_floating]
-    variables = list(layer.trainable_variables)
+    variables = list(getattr(layer, "trainable_variables", ()))
     if _compat.accepts_training(layer):
         kwargs = {**kwargs, "training": True}
 
@@ -172,7 +173,8 @@ def _profile(layer: Any, args: tuple, kwargs: dict, repeats: int) -> float:
             y = layer(*args, **kwargs)
         targets = [t for t in tf.nest.flatten(y) if t.dtype.is_floating]
         grads = tape.gradient(targets, inputs + variables) if targets and (inputs or variables) else []
-        return [g for g in grads if g is not None] + targets
+        # An Embedding's weight gradient is sparse (IndexedSlices): make it a dense tensor to return it.
+        return [tf.convert_to_tensor(g) for g in grads if g is not None] + targets
 
     step()  # trace and warm up
     times = []

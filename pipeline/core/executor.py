@@ -82,7 +82,7 @@ class Executor:
                 produced = step(action)
             last[action.stage] = [t for t in produced if t is not None] or deps
 
-    def train(self, x: Any, loss_fn: LossFn, training: bool = True) -> StepResult:
+    def train(self, x: Any, loss_fn: LossFn, training: bool = True, regularize: bool = True) -> StepResult:
         """One mini-batch of forward and backward over all micro-batches.
 
         Args:
@@ -90,6 +90,8 @@ class Executor:
             loss_fn: ``loss_fn(j, y_pred_j)``, the scalar loss of micro-batch j,
                 already scaled so that the sum over j is the mini-batch loss.
             training: passed to the layers.
+            regularize: add the weight regularization (loss and gradient); False
+                when one mini-batch is run as several calls, all but one.
 
         Returns:
             The step's outputs, total loss and accumulated gradients.
@@ -126,7 +128,8 @@ class Executor:
 
         self.run_actions(self.train_schedule, step)
         for stage in self.stages:
-            stage.add_regularization()
+            if regularize:
+                stage.add_regularization()
         y_preds = [outputs.pop((num_stages - 1, j)) for j in range(m)]
         losses = [loss for stage in self.stages for loss in stage.step_losses]
         return StepResult(

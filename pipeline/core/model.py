@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from pipeline.core import _compat
+from pipeline.core import anybatch
 from pipeline.core import devices as devices_lib
 from pipeline.core import microbatch as mb_lib
 from pipeline.errors import CompatError, SettingError
@@ -82,11 +83,14 @@ class PipelineModel(keras.Model):
         ]
         """The :class:`Stage` objects, in pipeline order (:attr:`stages` gives a copy)."""
         self.executor = Executor(self.pipeline_stages, schedule, microbatches)
+        self.sized_executors = anybatch.SizedExecutors(self.executor)
         self.gradient_reducer = gradient_reducer
         _check_known_shapes(self.pipeline_stages)
         for stage in self.pipeline_stages:
             if stage.layer.built:
                 stage.place()
+        if all(stage.layer.built for stage in self.pipeline_stages):
+            self.built = True  # Keras' save/load/count_params need it; the stages hold the variables
 
     @property
     def stages(self) -> list[Stage]:
@@ -102,10 +106,9 @@ class PipelineModel(keras.Model):
         """Builds every stage on its device, checking that each stage takes the previous output."""
         first = self.stage_layers[0]
         dtype = _input_dtype(first)
-        spec = tf.nest.map_structure(
-            lambda shape: keras.KerasTensor(tuple(shape), dtype=dtype),
-            input_shape, check_types=False,
-        ) if not _is_shape(input_shape) else keras.KerasTensor(tuple(input_shape), dtype=dtype)
+        # a shape is a tuple of ints: map_shape_structure keeps it a leaf (tf.nest would walk into it)
+        spec = keras.tree.map_shape_structure(lambda shape: keras.KerasTensor(tuple(shape), dtype=dtype),
+                                              input_shape)
         for stage in self.pipeline_stages:
             spec = _build_stage(stage, spec, self.pipeline_stages)
         self.built = True
@@ -124,13 +127,18 @@ class PipelineModel(keras.Model):
         Raises:
             SettingError: for ``jit_compile=True``.
         """
-        if jit_compile is True:
-            raise SettingError(
-                "jit_compile=True is not supported by PipelineModel: XLA compiles the whole step "
-                "into one cluster on one device, undoing the stage placement. Leave jit_compile at "
-                "its default ('auto', which PipelineModel turns off)."
-            )
+        _check_jit(jit_compile)
         super().compile(*args, jit_compile=False, **kwargs)
+
+    @property
+    def jit_compile(self) -> bool:
+        """Always False for a PipelineModel (see :meth:`compile`); setting True is refused."""
+        return False
+
+    @jit_compile.setter
+    def jit_compile(self, value: bool | str) -> None:
+        _check_jit(value)
+        keras.Model.jit_compile.fset(self, False)
 
     def train_step(self, data: Any) -> dict[str, Any]:
         """One pipelined step: micro-batches forward and back, one optimizer update."""
@@ -140,24 +148,22 @@ class PipelineModel(keras.Model):
         if compiled_loss is None:
             raise SettingError("PipelineModel has no loss: call compile(loss=...) before fit/evaluate")
         size = mb_lib.batch_size(x)
-        loss_fn = mb_lib.microbatch_loss(compiled_loss, y, sample_weight, self.executor.num_microbatches, size)
-        result = self.executor.train(x, loss_fn, training=True)
-        grads_and_vars = result.pairs(self.pipeline_stages)
+        loss, gradients, y_pred = self.sized_executors.train(x, y, sample_weight, compiled_loss, training=True)
+        grads_and_vars = [(g, v) for stage, grads in zip(self.pipeline_stages, gradients)
+                          for g, v in zip(grads, stage.trainable_variables) if g is not None]
         if grads_and_vars:
             grads, variables = (list(t) for t in zip(*grads_and_vars))
             if self.gradient_reducer is not None:
                 grads = self.gradient_reducer(grads, variables)
             self.optimizer.apply(list(grads), list(variables))
-        _compat.loss_metric(self).update_state(result.loss, sample_weight=size)
-        with tf.device(self.pipeline_stages[-1].device):
-            y_pred = mb_lib.merge(result.y_preds)
+        _compat.loss_metric(self).update_state(loss, sample_weight=size)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def test_step(self, data: Any) -> dict[str, Any]:
         """Evaluation: a forward-only pipeline, then Keras' loss and metrics on the merged output."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         _ensure_built(self, x, training=False)
-        y_pred = self.executor.infer(x)
+        y_pred = self.sized_executors.infer(x)
         # compute_loss takes `training` since Keras 3.3; an override may still lack it.
         training = {"training": False} if "training" in inspect.signature(self.compute_loss).parameters else {}
         loss = self.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, **training)
@@ -168,11 +174,21 @@ class PipelineModel(keras.Model):
         """Prediction: a forward-only pipeline over micro-batches."""
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         _ensure_built(self, x, training=False)
-        return self.executor.infer(x)
+        return self.sized_executors.infer(x)
 
     def get_config(self) -> dict[str, Any]:
         """Stages are user objects; a PipelineModel is rebuilt in code, not from config."""
         return {"name": self.name}
+
+
+def _check_jit(value: Any) -> None:
+    """Refuses ``jit_compile=True`` (in ``compile`` or set on the model) with the reason."""
+    if value is True:
+        raise SettingError(
+            "jit_compile=True is not supported by PipelineModel: XLA compiles the whole step "
+            "into one cluster on one device, undoing the stage placement. Leave jit_compile at "
+            "its default ('auto', which PipelineModel turns off)."
+        )
 
 
 def _ensure_built(model: PipelineModel, x: Any, training: bool) -> None:
@@ -184,6 +200,7 @@ def _ensure_built(model: PipelineModel, x: Any, training: bool) -> None:
     """
     if not all(stage.layer.built for stage in model.pipeline_stages):
         model.build(tf.nest.map_structure(lambda t: tuple(t.shape), x))
+    model.built = True
     if training and isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
         raise SettingError(
             "optimizer: LossScaleOptimizer (mixed_float16 loss scaling) is not supported by "
@@ -193,12 +210,6 @@ def _ensure_built(model: PipelineModel, x: Any, training: bool) -> None:
     if training and model.optimizer is not None and not model.optimizer.built:
         with tf.init_scope():
             model.optimizer.build(model.trainable_variables)
-
-
-def _is_shape(value: Any) -> bool:
-    return isinstance(value, (tuple, list, tf.TensorShape)) and all(
-        d is None or isinstance(d, int) for d in value
-    )
 
 
 def _input_dtype(layer: keras.layers.Layer) -> str:

@@ -93,12 +93,12 @@ def _split_sequential(model: keras.Sequential, layers: list, positions: list[int
     return stages
 
 
-def _crossing(layers: list, pos: int) -> list[Any]:
+def _crossing(model: keras.Model, layers: list, pos: int) -> list[Any]:
     """Tensors produced at or before layer ``pos`` (or model inputs) used after it."""
     index = {id(layer): i for i, layer in enumerate(layers)}
     crossing: list[Any] = []
     for layer in layers[pos + 1:]:
-        for tensor in _compat.call_inputs(layer):
+        for tensor in _compat.call_inputs(layer, model=model):
             producer = _compat.producer(tensor)
             if index.get(id(producer), -1) <= pos and all(tensor is not t for t in crossing):
                 crossing.append(tensor)
@@ -109,14 +109,20 @@ def _split_functional(model: keras.Model, layers: list, positions: list[int]) ->
     boundaries = []
     for pos in positions:
         layer = layers[pos]
-        calls = _compat.call_count(layer)
+        calls = _compat.call_count(layer, model)
         if calls != 1:
             raise SplitError(
                 f"cut layer {layer.name!r} is called {calls} times in the model; "
                 "cut at a layer that is used once"
             )
-        out = layer.output
-        crossing = _crossing(layers, pos)
+        outs = _compat.call_outputs(layer, model=model)
+        if len(outs) != 1:
+            raise SplitError(
+                f"cannot cut after layer {layer.name!r}: it returns {len(outs)} tensors; a cut carries "
+                "exactly one tensor today. Cut after a layer with one output."
+            )
+        out = outs[0]
+        crossing = _crossing(model, layers, pos)
         others = [t for t in crossing if t is not out]
         if others:
             described = ", ".join(
@@ -165,9 +171,10 @@ def _valid_cut_positions(model: keras.Model, layers: list) -> list[int]:
         return list(range(len(layers) - 1))
     valid = []
     for pos, layer in enumerate(layers[:-1]):
-        if _compat.call_count(layer) != 1:
+        if _compat.call_count(layer, model) != 1:
             continue
-        crossing = _crossing(layers, pos)
-        if len(crossing) == 1 and crossing[0] is layer.output:
+        crossing = _crossing(model, layers, pos)
+        outs = _compat.call_outputs(layer, model=model)
+        if len(crossing) == 1 and len(outs) == 1 and crossing[0] is outs[0]:
             valid.append(pos)
     return valid
