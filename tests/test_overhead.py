@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+from pipeline.errors import MeasureError
 from pipeline.perf import overhead
 from pipeline.perf import trace
 from pipeline.core.model import PipelineModel
@@ -65,7 +66,7 @@ def test_time_fit_step_divides_gaps_by_steps_per_execution(monkeypatch):
     monkeypatch.setattr(overhead, "time", _Clock())
     assert overhead.time_fit_step(model, x, y, steps=5, calls=1) == 0.5  # one tick per report of 2 steps
     assert seen[-3:] == [1, 3, 5]
-    with pytest.raises(ValueError, match="fewer than two batch ends"):
+    with pytest.raises(MeasureError, match="fewer than two batch ends"):
         overhead.time_fit_step(model, x, y, steps=1, calls=1)
 
 

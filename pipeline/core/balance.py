@@ -15,7 +15,7 @@ import statistics
 import time
 from typing import Any, Sequence
 
-from pipeline.errors import check_count
+from pipeline.errors import SettingError, check_count
 
 BALANCE_MODES = ("params", "time")
 
@@ -35,14 +35,14 @@ def partition_points(costs: Sequence[float], num_stages: int) -> list[int]:
         ``1..len(costs)-1``); block k is ``costs[points[k-1]:points[k]]``.
 
     Raises:
-        ValueError: if K < 1, K > len(costs) or a cost is negative.
+        SettingError: if K < 1, K > len(costs) or a cost is negative.
     """
     n = len(costs)
     check_count("num_stages", num_stages)
     if num_stages > n:
-        raise ValueError(f"cannot cut {n} item(s) into {num_stages} non-empty stages; use at most {n} stages")
+        raise SettingError(f"cannot cut {n} item(s) into {num_stages} non-empty stages; use at most {n} stages")
     if any(c < 0 for c in costs):
-        raise ValueError(f"costs must be >= 0, got {list(costs)}")
+        raise SettingError(f"costs must be >= 0, got {list(costs)}")
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))
@@ -98,7 +98,7 @@ def layer_costs(model: Any, mode: str, sample_input: Any = None, layers: Sequenc
         One non-negative float per layer.
 
     Raises:
-        ValueError: unknown ``mode``, or ``"time"`` without ``sample_input``.
+        SettingError: unknown ``mode``, or ``"time"`` without ``sample_input``.
     """
     import keras
 
@@ -109,9 +109,9 @@ def layer_costs(model: Any, mode: str, sample_input: Any = None, layers: Sequenc
         # Operations that are not layers (keras.ops calls such as relu, not_equal) have no weights.
         return [float(sum(int(_size(w.shape)) for w in getattr(layer, "weights", ()))) for layer in layers]
     if mode != "time":
-        raise ValueError(f"balance={mode!r} is not known; use one of {', '.join(BALANCE_MODES)}")
+        raise SettingError(f"balance={mode!r} is not known; use one of {', '.join(BALANCE_MODES)}")
     if sample_input is None:
-        raise ValueError('balance="time" profiles every layer on a real batch: pass sample_input=<a batch>')
+        raise SettingError('balance="time" profiles every layer on a real batch: pass sample_input=<a batch>')
     import contextlib
 
     import tensorflow as tf

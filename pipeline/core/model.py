@@ -34,7 +34,7 @@ def _check_layers(stages: Any) -> list[keras.layers.Layer]:
         )
     layers = list(stages)
     if not layers:
-        raise ValueError("stages is empty: pass at least one Keras model or layer")
+        raise SettingError("stages is empty: pass at least one Keras model or layer")
     for i, layer in enumerate(layers):
         if not isinstance(layer, keras.layers.Layer):
             raise TypeError(

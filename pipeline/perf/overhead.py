@@ -19,6 +19,8 @@ import statistics
 import time
 from typing import Any
 
+from pipeline.errors import MeasureError
+
 
 def _step_timer() -> Any:
     """A Keras callback that stamps the end of every training batch (or group of batches)."""
@@ -63,7 +65,7 @@ def time_fit_step(model: Any, x: Any, y: Any, steps: int, calls: int = 3) -> flo
         calls: timed fits; the median over all their gaps is kept.
 
     Raises:
-        ValueError: when the fits report fewer than two batch ends (``steps`` too small
+        MeasureError: when the fits report fewer than two batch ends (``steps`` too small
             for the model's ``steps_per_execution``).
     """
     import tensorflow as tf
@@ -77,7 +79,7 @@ def time_fit_step(model: Any, x: Any, y: Any, steps: int, calls: int = 3) -> flo
         model.fit(data, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
         gaps.extend((t1 - t0) / (b1 - b0) for (b0, t0), (b1, t1) in zip(timer.ends, timer.ends[1:]) if b1 > b0)
     if not gaps:
-        raise ValueError(f"time_fit_step: steps={steps} gave fewer than two batch ends per fit; use steps of at "
+        raise MeasureError(f"time_fit_step: steps={steps} gave fewer than two batch ends per fit; use steps of at "
                          "least 2 x the model's steps_per_execution")
     return float(statistics.median(gaps))
 

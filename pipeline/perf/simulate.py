@@ -19,6 +19,8 @@ from typing import Callable, Mapping, Sequence, Union
 
 from pipeline.core import schedule as sched
 
+from pipeline.errors import SettingError
+
 
 @dataclasses.dataclass(frozen=True)
 class StageCost:
@@ -119,10 +121,10 @@ def _as_cost(value: CostLike, stage: int) -> StageCost:
             return StageCost(float(value["forward"]), float(value["backward"]),
                              None if value.get("weight") is None else float(value["weight"]))
         except KeyError as err:
-            raise ValueError(f"cost of stage {stage} {dict(value)!r} needs keys 'forward' and 'backward'") from err
+            raise SettingError(f"cost of stage {stage} {dict(value)!r} needs keys 'forward' and 'backward'") from err
     values = list(value)
     if len(values) not in (2, 3):
-        raise ValueError(
+        raise SettingError(
             f"cost of stage {stage} is {value!r}; give (forward, backward) or (forward, backward, weight)"
         )
     return StageCost(*(float(v) for v in values))
@@ -132,20 +134,20 @@ def cost_function(costs: Costs, schedule: sched.Schedule) -> Callable[[sched.Act
     """Turns per-stage costs (or a callable) into ``cost(action) -> duration``.
 
     Raises:
-        ValueError: if the number of stage costs differs from the number of stages,
+        SettingError: if the number of stage costs differs from the number of stages,
             or a cost is negative.
     """
     if callable(costs):
         return costs
     stage_costs = [_as_cost(c, i) for i, c in enumerate(costs)]
     if len(stage_costs) != len(schedule):
-        raise ValueError(
+        raise SettingError(
             f"got costs for {len(stage_costs)} stage(s) but the schedule has {len(schedule)}; "
             "give one (forward, backward) pair per stage"
         )
     for i, c in enumerate(stage_costs):
         if min(c.forward, c.backward, c.weight or 0.0) < 0:
-            raise ValueError(f"cost of stage {i} is negative: {c}")
+            raise SettingError(f"cost of stage {i} is negative: {c}")
     split = [any(a.op is sched.W for a in row) for row in schedule]
     return lambda a: stage_costs[a.stage].of(a.op, split[a.stage])
 

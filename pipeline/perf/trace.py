@@ -23,6 +23,8 @@ from pipeline.core import schedule as sched
 from pipeline.perf import simulate as sim
 from pipeline.perf.measure import median_time, wait_for
 
+from pipeline.errors import MeasureError
+
 
 _ACT = re.compile(r"^(gradient_tape/)?(?:.*/)?act(\d+)([FBW])(\d+)/")
 
@@ -49,7 +51,7 @@ def trace_actions(logdir: str) -> tuple[list[sim.Interval], dict[str, Any]]:
 
     paths = sorted(glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb")))
     if not paths:
-        raise FileNotFoundError(f"no profiler trace under {logdir!r}")
+        raise MeasureError(f"no profiler trace under {logdir!r}")
     space = _compat.read_xspace(paths[-1])
     spans: dict[str, list[float]] = {}
     per_thread: dict[str, list[tuple[float, float]]] = {}
@@ -67,7 +69,7 @@ def trace_actions(logdir: str) -> tuple[list[sim.Interval], dict[str, Any]]:
                 span[0], span[1] = min(span[0], start), max(span[1], end)
                 per_thread.setdefault(line.name, []).append((start, end))
     if not spans:
-        raise ValueError(f"the trace under {logdir!r} has no action ops (act<stage><op><microbatch>/...)")
+        raise MeasureError(f"the trace under {logdir!r} has no action ops (act<stage><op><microbatch>/...)")
     ends = {sched.Action.parse(a): e for a, (_, e) in spans.items()}
     num_stages = 1 + max(a.stage for a in ends)
     timeline = []
