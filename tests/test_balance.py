@@ -85,6 +85,30 @@ def test_time_costs_sequential_and_functional():
     assert len(costs) == 3 and all(c >= 0 for c in costs)
 
 
+def test_time_profiles_each_distinct_layer_call_once(monkeypatch):
+    """Repeated blocks (same class, configuration and input shapes) are timed once and share the figure."""
+    profiled = []
+    real = balance._profile
+    monkeypatch.setattr(balance, "_profile",
+                        lambda layer, *a, **k: profiled.append(layer.name) or real(layer, *a, **k))
+    model = keras.Sequential([keras.Input((16,))] + [keras.layers.Dense(16, name=f"same{i}") for i in range(3)]
+                             + [keras.layers.Dense(8, name="narrow"), keras.layers.Dense(8, name="same_again")])
+    x = np.random.default_rng(0).normal(size=(4, 16)).astype("float32")
+    costs = balance.layer_costs(model, "time", x, repeats=1)
+    # same1 and same2 repeat same0's call; "narrow" differs in width, "same_again" in its input width
+    assert profiled == ["same0", "narrow", "same_again"]
+    assert costs[0] == costs[1] == costs[2] and len(costs) == 5
+
+
+def test_time_runs_stop_at_the_budget(monkeypatch):
+    clock = iter(range(0, 1000, 1))  # every perf_counter call advances one "second"
+    monkeypatch.setattr(balance.time, "perf_counter", lambda: next(clock))
+    x = np.random.default_rng(0).normal(size=(4, 16)).astype("float32")
+    costs = balance.layer_costs(_uneven_model(), "time", x, repeats=5)
+    assert costs == [1.0, 1.0, 1.0, 1.0]
+    assert next(clock) == 8  # one timed run (two clock reads) per layer: the first already exceeds TIMING_BUDGET
+
+
 def test_time_needs_sample_input():
     with pytest.raises(ValueError, match="pass sample_input"):
         balance.layer_costs(_uneven_model(), "time")

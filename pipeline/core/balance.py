@@ -18,17 +18,24 @@ from typing import Any, Sequence
 from pipeline.errors import SettingError, check_count
 
 BALANCE_MODES = ("params", "time")
+TIMING_BUDGET = 0.2
+"""Seconds of timed runs per distinct layer call for ``balance="time"``, after its warm-up."""
 
 
-def partition_points(costs: Sequence[float], num_stages: int) -> list[int]:
+def partition_points(costs: Sequence[float], num_stages: int,
+                     cut_costs: Sequence[float] | None = None) -> list[int]:
     """Exact contiguous partition of ``costs`` into ``num_stages`` blocks minimizing the largest block.
 
     Among optimal partitions, the one whose cuts come earliest is returned, so
-    the result is deterministic.
+    the result is deterministic. With ``cut_costs`` the tie between optimal
+    partitions is broken by the smallest sum of the costs of the cuts made
+    (e.g. bytes sent across each boundary); the largest block stays optimal.
 
     Args:
         costs: non-negative cost per item (layer or block of layers), in order.
         num_stages: K, the number of non-empty blocks.
+        cut_costs: optional, ``cut_costs[i]`` is the cost of cutting before item
+            i (``cut_costs[0]`` is unused); same length as ``costs``.
 
     Returns:
         The K-1 indices at which blocks 1..K-1 start (strictly increasing, in
@@ -57,11 +64,32 @@ def partition_points(costs: Sequence[float], num_stages: int) -> list[int]:
                 value = max(best[k - 1][j], prefix[i] - prefix[j])
                 if value < best[k][i] - 1e-12 * max(1.0, abs(value)):
                     best[k][i], cut[k][i] = value, j
+    if cut_costs is not None:
+        _fewest_cut_costs(prefix, num_stages, best[num_stages][n], list(cut_costs), cut)
     points, i = [], n
     for k in range(num_stages, 1, -1):
         i = cut[k][i]
         points.append(i)
     return points[::-1]
+
+
+def _fewest_cut_costs(prefix: list[float], num_stages: int, limit: float, cut_costs: list[float],
+                      cut: list[list[int]]) -> None:
+    """Refills ``cut`` with the partition of smallest total cut cost among those whose blocks stay <= ``limit``."""
+    n, inf = len(prefix) - 1, float("inf")
+    if len(cut_costs) != n or any(c < 0 for c in cut_costs):
+        raise SettingError(f"cut_costs must be {n} non-negative numbers, one per item; got {cut_costs}")
+    bound = limit + 1e-9 * max(1.0, abs(limit))
+    total = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    total[0][0] = 0.0
+    for k in range(1, num_stages + 1):
+        for i in range(k, n - (num_stages - k) + 1):
+            for j in range(k - 1, i):
+                if prefix[i] - prefix[j] > bound or total[k - 1][j] == inf:
+                    continue
+                value = total[k - 1][j] + (cut_costs[j] if j else 0.0)
+                if value < total[k][i] - 1e-12 * max(1.0, abs(value)):
+                    total[k][i], cut[k][i] = value, j
 
 
 def stage_sums(costs: Sequence[float], points: Sequence[int]) -> list[float]:
@@ -92,7 +120,9 @@ def layer_costs(model: Any, mode: str, sample_input: Any = None, layers: Sequenc
         sample_input: a batch (as for ``model(sample_input)``); required for ``"time"``.
         layers: the layers, in order (default: the model's layers without InputLayers).
         device: where to profile (default: the current default device).
-        repeats: timed runs per layer after one warm-up; the median is kept.
+        repeats: timed runs per layer after one warm-up, at most; the median is
+            kept. Runs stop early once they have taken ``TIMING_BUDGET`` seconds
+            (a layer that takes 0.1 s is timed twice, not five times).
 
     Returns:
         One non-negative float per layer.
@@ -117,9 +147,16 @@ def layer_costs(model: Any, mode: str, sample_input: Any = None, layers: Sequenc
     import tensorflow as tf
 
     scope = tf.device(device) if device else contextlib.nullcontext()
+    timed: dict[Any, float] = {}  # one measurement per distinct computation (see _signature)
+    costs = []
     with scope:
         calls = _layer_calls(model, list(layers), sample_input)
-        return [_profile(layer, args, kwargs, repeats) for layer, (args, kwargs) in zip(layers, calls)]
+        for layer, (args, kwargs) in zip(layers, calls):
+            key = _signature(layer, args, kwargs)
+            if key not in timed:
+                timed[key] = _profile(layer, args, kwargs, repeats)
+            costs.append(timed[key])
+    return costs
 
 
 def _size(shape: Any) -> int:
@@ -155,6 +192,29 @@ def _layer_calls(model: Any, layers: list[Any], sample_input: Any) -> list[tuple
     return [_compat.fill_call_arguments(layer, table, call=0, model=model) for layer in layers]
 
 
+def _signature(layer: Any, args: tuple, kwargs: dict) -> Any:
+    """What fixes a layer call's cost: its class, configuration without the name, and its input shapes.
+
+    Layers that repeat a block (ResNet50: 176 layers, 47 distinct calls at 32x32) are
+    timed once; a layer whose configuration cannot be read is its own key.
+    """
+    import json
+
+    import tensorflow as tf
+
+    try:
+        config = {k: v for k, v in layer.get_config().items() if k != "name"}
+        described = json.dumps(config, sort_keys=True, default=repr)
+    except Exception:  # noqa: BLE001 - an unreadable config only disables reuse for this layer
+        return ("layer", id(layer))
+    values = tuple(
+        (tuple(t.shape), t.dtype.name) if isinstance(t, tf.Tensor) else repr(t)
+        for t in tf.nest.flatten((args, kwargs))
+    )
+    keys = tuple(sorted(kwargs))
+    return type(layer).__qualname__, described, values, keys
+
+
 def _profile(layer: Any, args: tuple, kwargs: dict, repeats: int) -> float:
     """Median seconds of forward + backward (input and weight gradients) of one layer."""
     import tensorflow as tf
@@ -178,7 +238,7 @@ def _profile(layer: Any, args: tuple, kwargs: dict, repeats: int) -> float:
 
     step()  # trace and warm up
     times = []
-    for _ in range(max(1, repeats)):
+    while len(times) < max(1, repeats) and sum(times) < TIMING_BUDGET:
         start = time.perf_counter()
         out = step()
         if out:
