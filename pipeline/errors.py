@@ -61,6 +61,10 @@ class CompatError(PipelineError, RuntimeError):
     """The installed Keras/TensorFlow changed an internal the pipeline relies on; the message names the versions."""
 
 
+class NumericsError(PipelineError, ArithmeticError):
+    """``check_numerics=True`` found NaN/Inf; ``stage``, ``microbatch``, ``tensor`` and ``kind`` say where and what."""
+
+
 def invalid(setting: str, value: Any, reason: str, error: type[PipelineError] = SettingError) -> PipelineError:
     """``error("<setting>: got <value!r>; <reason>")``, keeping the parts as ``setting``, ``value``, ``reason``.
 

@@ -164,6 +164,25 @@ def test_loss_metric_is_the_metric_keras_reports_as_loss():
     assert float(model.get_metrics_result()["loss"]) > logs["loss"]  # the tracker Keras reads
 
 
+def test_recorded_loss_values_and_flat_losses_are_the_compiled_per_output_terms():
+    inp = keras.Input((3,))
+    model = keras.Model(inp, [keras.layers.Dense(2, name="p")(inp), keras.layers.Dense(1, name="q")(inp)])
+    model.compile(loss=["mse", keras.losses.MeanAbsoluteError(reduction="sum")], loss_weights=[0.5, 2.0])
+    compiled = _compat.compiled_loss(model)
+    y = (tf.constant([[1.0, 0.0], [0.0, 2.0]]), tf.constant([[1.0], [-1.0]]))
+    y_pred = (tf.constant([[0.5, 0.5], [1.0, 1.0]]), tf.constant([[0.0], [0.0]]))
+    total = compiled(y, y_pred)  # builds it; updates the per-output metrics p_loss, q_loss
+    before = [float(m.result()) for m in compiled.metrics]
+    assert [m.name for m in compiled.metrics] == ["p_loss", "q_loss"]
+    with _compat.recorded_loss_values(compiled) as values:
+        again = compiled(y, y_pred)
+    assert [float(m.result()) for m in compiled.metrics] == before  # no metric update in the block
+    mse, mae_sum = float(tf.reduce_mean(tf.square(y[0] - y_pred[0]))), 2.0
+    np.testing.assert_allclose([float(v) for v in values], [mse, mae_sum], rtol=1e-6)
+    np.testing.assert_allclose(float(again), float(total), rtol=1e-6)
+    assert _compat.flat_losses(compiled) == [((0,), "sum_over_batch_size", 0.5), ((1,), "sum", 2.0)]
+
+
 def test_accepts_training_matches_what_keras_passes():
     seen = []
 
@@ -273,3 +292,76 @@ def test_seed_generators_finds_dropouts_in_sublayers():
     assert len(gens) == 2 and all(isinstance(g, keras.random.SeedGenerator) for g in gens)
     assert all(g.state.dtype == "int64" for g in gens)
     assert _compat.seed_generators(keras.layers.Dense(2)) == []
+
+
+def test_keras_mask_reads_the_mask_keras_attaches_symbolically_and_eagerly():
+    ids = keras.Input((4,), dtype="int32")
+    emb = keras.layers.Embedding(6, 3, mask_zero=True)
+    symbolic = _compat.keras_mask(emb(ids))
+    assert symbolic is not None and symbolic.shape == (None, 4) and symbolic.dtype == "bool"
+    assert _compat.keras_mask(ids) is None
+    eager = _compat.keras_mask(emb(tf.constant([[1, 0, 2, 0]])))
+    np.testing.assert_array_equal(eager.numpy(), [[True, False, True, False]])
+
+
+# --- BatchNorm (pipeline.core.batchnorm) ----------------------------------------------------------
+
+
+def test_sublayers_walks_nested_models_once():
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, name="in_d"),
+                              keras.layers.BatchNormalization(name="in_bn")], name="inner")
+    outer = keras.Sequential([keras.Input((3,)), inner, keras.layers.BatchNormalization(name="out_bn")], name="outer")
+    names = [layer.name for layer in _compat.sublayers(outer)]
+    assert names[0] == "outer" and {"inner", "in_d", "in_bn", "out_bn"} <= set(names)
+    assert len(names) == len(set(names))
+
+
+def test_batchnorm_moments_are_the_biased_batch_statistics_and_keras_masked_formula():
+    bn = keras.layers.BatchNormalization(axis=1)
+    x = np.random.default_rng(0).normal(size=(4, 3, 2)).astype("float32")
+    bn.build(x.shape)
+    mean, var = _compat.batchnorm_moments(bn, tf.constant(x), None)
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, x.var(axis=(0, 2)), rtol=1e-5, atol=1e-6)
+    bn = keras.layers.BatchNormalization()
+    x = x.transpose(0, 2, 1)
+    bn.build(x.shape)
+    mask = np.array([[1, 1], [1, 0], [0, 1], [1, 1]], bool)
+    mean, var = _compat.batchnorm_moments(bn, tf.constant(x), tf.constant(mask))
+    kept, eps = x[mask], keras.config.epsilon()
+    want = kept.sum(0) / (len(kept) + eps)
+    np.testing.assert_allclose(mean, want, rtol=1e-5)
+    np.testing.assert_allclose(var, ((kept - want) ** 2).sum(0) / (len(kept) + eps), rtol=1e-5)
+
+
+def test_in_stateless_scope_follows_keras_stateless_scope():
+    assert not _compat.in_stateless_scope()
+    with keras.StatelessScope():
+        assert _compat.in_stateless_scope()
+    assert not _compat.in_stateless_scope()
+
+
+def test_loss_scale_step_evolves_like_loss_scale_optimizer_apply():
+    """Keras' apply on scaled gradients vs the shim on gradients unscaled beforehand: same scale, counter,
+    iterations and weights, through growth (every 2 finite steps) and a skipped non-finite step."""
+    made = []
+    for _ in range(2):
+        variable = keras.Variable(np.ones(3, "float32"))
+        optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.5), initial_scale=4.0,
+                                                        dynamic_growth_steps=2)
+        optimizer.build([variable])
+        made.append((optimizer, variable))
+    (keras_opt, keras_var), (shim_opt, shim_var) = made
+    history = []
+    for step, bad in enumerate([False, False, False, True, False, False]):
+        grad = np.full(3, np.inf if bad else 0.25 * (step + 1), "float32")
+        scale = float(keras_opt.dynamic_scale.numpy())
+        keras_opt.apply([tf.constant(grad * scale)], [keras_var])
+        unscaled = tf.constant(grad)
+        _compat.loss_scale_step(shim_opt, tf.reduce_all(tf.math.is_finite(unscaled)), [unscaled], [shim_var])
+        for a, b in [(keras_opt.dynamic_scale, shim_opt.dynamic_scale), (keras_opt.step_counter, shim_opt.step_counter),
+                     (keras_opt.iterations, shim_opt.iterations), (keras_var, shim_var)]:
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        history.append(float(shim_opt.dynamic_scale.numpy()))
+    assert history == [4.0, 8.0, 8.0, 4.0, 4.0, 8.0]
+    assert int(shim_opt.iterations.numpy()) == 5

@@ -24,9 +24,13 @@ def test_cut_layer_not_found():
         pipeline.split(BUILDERS["cnn"][0](), cuts=["nope"])
 
 
-def test_cut_not_a_single_tensor_boundary():
-    with pytest.raises(SplitError, match=r"cannot cut after layer 'd2'.*also crossing: d1 output \(None, 16\)"):
-        pipeline.split(BUILDERS["residual"][0](), cuts=["d2"])
+def test_cut_that_two_tensors_cross_carries_both():
+    """Once refused ("also crossing: d1 output"): the boundary now carries d1 and d2, and the stages chain."""
+    model = BUILDERS["residual"][0]()
+    first, second = pipeline.split(model, cuts=["d2"])
+    assert [t.producer for t in pipeline.boundaries([first, second])[0].tensors] == ["d1", "d2"]
+    x = np.random.default_rng(0).normal(size=(4, *model.inputs[0].shape[1:])).astype("float32")
+    np.testing.assert_allclose(second(first(x)), model(x), rtol=1e-6, atol=1e-6)
 
 
 def test_cuts_out_of_order():

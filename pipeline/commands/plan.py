@@ -81,6 +81,8 @@ def plan_command(args: argparse.Namespace) -> int:
     panels = [(f"predicted\n{predicted.makespan:.3f} s", predicted.timeline)]
     report: dict[str, Any] = {"schedule": name, "microbatches": m, "rows": rows, "overhead": overhead,
                               "costs": [vars(c) for c in costs], "predicted": predicted.summary()}
+    if ctx["stages"] is not None and len(ctx["stages"]) > 1:
+        report["boundary_bytes"] = _print_boundaries(ctx["stages"], ctx["x"], m)
     if args.measure:
         elapsed, timeline, threads = trace.run_measured(ctx["stages"], ctx["x"], ctx["y"], ctx["loss"], name, m,
                                                   args.steps)
@@ -102,6 +104,18 @@ def plan_command(args: argparse.Namespace) -> int:
             json.dump(report, f, indent=2)
         print(f"JSON: {args.json}")
     return 0
+
+
+def _print_boundaries(stages: list, x: Any, m: int) -> list[int]:
+    """Prints what crosses each boundary and the bytes it sends per micro-batch at M=``m``; returns the bytes."""
+    from pipeline.core import microbatch as mb_lib
+    from pipeline.core import partition
+
+    sent = planner.boundary_bytes(stages, mb_lib.split(x, m)[0])
+    for boundary, size in zip(partition.boundaries([s.layer for s in stages]), sent):
+        print(f"boundary {boundary.index}->{boundary.index + 1}: {size} bytes per micro-batch at M={m}; "
+              + ", ".join(f"{t.producer} {t.shape} {t.dtype}" for t in boundary.tensors))
+    return sent
 
 
 def _ints(text: str) -> list[int]:

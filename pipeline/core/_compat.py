@@ -130,6 +130,27 @@ def seed_generators(layer: keras.layers.Layer) -> list[keras.random.SeedGenerato
     return found
 
 
+def sublayers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """``layer`` and every layer nested in it (models, custom layers), each once, depth first."""
+    return list(_private(layer, "_flatten_layers", "Layer._flatten_layers (walking sublayers)")(include_self=True))
+
+
+def batchnorm_moments(layer: keras.layers.BatchNormalization, inputs: tf.Tensor,
+                      mask: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+    """The (mean, variance) a BatchNormalization computes in training from ``inputs`` (and ``mask``).
+
+    Keras' own ``BatchNormalization._moments`` (biased variance; masked sums over weight + epsilon).
+    """
+    return _private(layer, "_moments", "BatchNormalization._moments (batch statistics)")(inputs, mask)
+
+
+def in_stateless_scope() -> bool:
+    """Whether a ``keras.StatelessScope`` is active (its variable updates are collected, not applied)."""
+    from keras.src.backend.common import stateless_scope  # noqa: PLC0415
+
+    return bool(_private(stateless_scope, "in_stateless_scope", "keras stateless_scope.in_stateless_scope")())
+
+
 def regularization_losses(layer: keras.layers.Layer) -> list[tf.Tensor]:
     """The weight regularization terms of ``layer`` and its sublayers (public route: ``variable.regularizer``)."""
     return [v.regularizer(v) for v in layer.trainable_weights if v.regularizer is not None]
@@ -143,6 +164,49 @@ def compiled_loss(model: keras.Model) -> Any:
     would add the regularization once per micro-batch.
     """
     return _private(model, "_compile_loss", "Model._compile_loss (the compiled loss)")
+
+
+class _Recorder:
+    """Stands in for a per-output loss metric of ``CompileLoss``: keeps the values instead of averaging them."""
+
+    def __init__(self, values: list[tf.Tensor]):
+        self.values = values
+
+    def update_state(self, value: tf.Tensor, sample_weight: Any = None) -> None:
+        del sample_weight
+        self.values.append(value)
+
+
+@contextlib.contextmanager
+def recorded_loss_values(compiled: Any) -> Iterator[list[tf.Tensor]]:
+    """Within the block, calling the compiled loss records each output's unweighted loss, updating no metric.
+
+    Yields the list the values are appended to (one per flat loss, in
+    :func:`flat_losses` order); it stays empty for a compiled loss with a single
+    term (Keras keeps no per-output metric then). Per micro-batch this keeps the
+    ``<output>_loss`` metrics untouched (the model updates them once per batch,
+    on the merged outputs, as Keras does) and gives each output's value to
+    combine by its own reduction.
+    """
+    metrics = _private(compiled, "_metrics", "CompileLoss._metrics (the per-output loss metrics)")
+    values: list[tf.Tensor] = []
+    if not metrics:
+        yield values
+        return
+    compiled._metrics = [_Recorder(values) for _ in metrics]  # noqa: SLF001
+    try:
+        yield values
+    finally:
+        compiled._metrics = metrics  # noqa: SLF001
+
+
+def flat_losses(compiled: Any) -> list[tuple[tuple, str, float | None]]:
+    """``(output path, Keras reduction, loss weight)`` of each loss term of a built compiled loss, in order."""
+    flat = _private(compiled, "_flat_losses", "CompileLoss._flat_losses (the per-output losses)")
+    if flat is None:
+        raise _broken("CompileLoss._flat_losses", "the compiled loss is not built after a call")
+    return [(tuple(item.path), getattr(item.loss, "reduction", "sum_over_batch_size"), item.loss_weights)
+            for item in flat]
 
 
 def loss_metric(model: keras.Model) -> keras.metrics.Metric:
@@ -219,6 +283,35 @@ def fill_call_arguments(layer: keras.layers.Layer, values: dict[int, Any], call:
     return _nodes(layer, model)[call].arguments.fill_in(values)
 
 
+# --- loss scaling (mixed_float16) -----------------------------------------------------------
+
+def loss_scale_step(optimizer: keras.optimizers.LossScaleOptimizer, finite: Any, grads: list[Any],
+                    variables: list[Any]) -> None:
+    """Keras' ``LossScaleOptimizer.apply`` step for gradients the caller has already unscaled.
+
+    ``finite`` (a bool tensor) decides: apply ``grads`` with ``optimizer.inner_optimizer``
+    and count a finite step, doubling ``dynamic_scale`` every ``dynamic_growth_steps``
+    of them (as Keras' finite branch after its own unscaling); or skip the update and
+    run Keras' own non-finite branch (halve the scale, reset the counter).
+    """
+    skip = _private(optimizer, "_stateful_handle_non_finite_grads",
+                    "LossScaleOptimizer._stateful_handle_non_finite_grads (skipping a step)")
+
+    def upscale() -> None:
+        optimizer.step_counter.assign(0)
+        optimizer.dynamic_scale.assign(keras.ops.multiply(optimizer.dynamic_scale, 2.0))
+
+    def increment() -> None:
+        optimizer.step_counter.assign_add(1)
+
+    def apply() -> None:
+        optimizer.inner_optimizer.apply(grads, variables)
+        keras.ops.cond(keras.ops.equal(optimizer.step_counter, optimizer.dynamic_growth_steps - 1),
+                       upscale, increment)
+
+    keras.ops.cond(finite, apply, skip)
+
+
 # --- TensorFlow profiler --------------------------------------------------------------------
 
 
@@ -248,3 +341,13 @@ def hard_exit(code: int) -> None:
     import os
 
     os._exit(code)  # noqa: SLF001
+
+
+def keras_mask(tensor: Any) -> Any:
+    """The Keras mask attached to ``tensor`` (symbolic or eager), or ``None``.
+
+    Keras 3 carries masks (``Embedding(mask_zero=True)``, ``Masking``) as an attribute
+    on the tensor; there is no public getter.
+    """
+    fn = _private(keras_backend, "get_keras_mask", "keras.src.backend.get_keras_mask (a tensor's mask)")
+    return fn(tensor)

@@ -18,7 +18,8 @@ BatchNorm statistics of an empty batch, no moving-statistics update.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import tensorflow as tf
 
@@ -71,34 +72,46 @@ class SizedExecutors:
         """
         size = mb_lib.batch_size(x)
         m = self.num_microbatches
-        if isinstance(size, int) or m == 1:
-            count = min(size, m) if isinstance(size, int) else m
-            result = self.get(count).train(
-                x, mb_lib.microbatch_loss(loss, y, sample_weight, count, size), training=training)
-            return result.loss, result.gradients, self.merge(result.y_preds)
-        structure: list[Gradients] = []  # the gradient pattern (None or not) of the full branch
+        with self.batch_total(size):
+            if isinstance(size, int) or m == 1:
+                count = min(size, m) if isinstance(size, int) else m
+                result = self.get(count).train(
+                    x, mb_lib.microbatch_loss(loss, y, sample_weight, count, size), training=training)
+                return result.loss, result.gradients, self.merge(result.y_preds)
+            structure: list[Gradients] = []  # the gradient pattern (None or not) of the full branch
 
-        def full() -> Any:
-            result = self.full.train(x, mb_lib.microbatch_loss(loss, y, sample_weight, m, size),
-                                     training=training)
-            structure.append(result.gradients)
-            return result.loss, _flat(result.gradients), self.merge(result.y_preds)
+            def full() -> Any:
+                result = self.full.train(x, mb_lib.microbatch_loss(loss, y, sample_weight, m, size),
+                                         training=training)
+                structure.append(result.gradients)
+                return result.loss, _flat(result.gradients), self.merge(result.y_preds)
 
-        def small() -> Any:
-            return self.one_by_one(x, y, sample_weight, loss, size, training, structure[0])
+            def small() -> Any:
+                return self.one_by_one(x, y, sample_weight, loss, size, training, structure[0])
 
-        total, flat, y_pred = tf.cond(size >= m, full, small)
+            total, flat, y_pred = tf.cond(size >= m, full, small)
         return total, _unflat(flat, structure[0]), y_pred
 
+    @contextlib.contextmanager
+    def batch_total(self, size: tf.Tensor | int) -> Iterator[None]:
+        """Tells every stage the mini-batch size B (scales call-time losses), for one step."""
+        for stage in self.full.stages:
+            stage.batch_total = size
+        try:
+            yield
+        finally:
+            for stage in self.full.stages:
+                stage.batch_total = None
+
     def one_by_one(self, x: Any, y: Any, sample_weight: Any, loss: Callable[..., Any],
-                    size: tf.Tensor, training: bool, pattern: Gradients) -> Any:
+                   size: tf.Tensor, training: bool, pattern: Gradients) -> Any:
         """The n < M samples as n one-sample micro-batches, in order, in a ``tf.while_loop``."""
         single = self.get(1)
 
         def run(i: tf.Tensor, first: bool) -> tuple[tf.Tensor, list[tf.Tensor], Any]:
             part = [_take(t, i) for t in (x, y, sample_weight)]
-            result = single.train(part[0], mb_lib.microbatch_loss(loss, part[1], part[2], 1, size),
-                                  training=training, regularize=first)
+            loss_fn = mb_lib.microbatch_loss(loss, part[1], part[2], 1, size, batch_sample_weight=sample_weight)
+            result = single.train(part[0], loss_fn, training=training, regularize=first)
             grads = [g if g is not None else tf.zeros(v.shape, tf.float32)
                      for row, stage, wants in zip(result.gradients, single.stages, pattern)
                      for g, v, want in zip(row, stage.trainable_variables, wants) if want is not None]
@@ -121,6 +134,32 @@ class SizedExecutors:
         with tf.device(self.full.stages[-1].device):
             y_pred = tf.nest.pack_sequence_as(y0, [tf.identity(t) for t in outs])
         return total, grads, y_pred
+
+    def infer_with_losses(self, x: Any) -> tuple[Any, tf.Tensor]:
+        """Forward only, plus the call-time losses (``add_loss``, activity regularizers) of the batch.
+
+        Returns:
+            ``(merged outputs, float32 scalar)``: the call-time losses of every
+            micro-batch, each scaled by its share of the batch (as in training).
+        """
+        size = mb_lib.batch_size(x)
+        m = self.num_microbatches
+
+        def run(executor: Executor) -> tuple[Any, tf.Tensor]:
+            for stage in self.full.stages:
+                stage.infer_losses = []
+            try:
+                y_pred = executor.infer(x)
+                losses = [t for stage in self.full.stages for t in stage.infer_losses]
+            finally:
+                for stage in self.full.stages:
+                    stage.infer_losses = None
+            return y_pred, (tf.add_n(losses) if losses else tf.zeros([], tf.float32))
+
+        with self.batch_total(size):
+            if isinstance(size, int) or m == 1:
+                return run(self.get(min(size, m) if isinstance(size, int) else m))
+            return tf.cond(size >= m, lambda: run(self.full), lambda: run(self.get(1)))
 
     def infer(self, x: Any) -> Any:
         """Forward only on any batch size; returns the merged outputs."""

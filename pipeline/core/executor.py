@@ -126,7 +126,16 @@ class Executor:
                 input_grads[(s, j)] = g
             return produced
 
-        self.run_actions(self.train_schedule, step)
+        # Call-time losses are scaled by each micro-batch's share of this batch, unless the
+        # caller runs one batch as several calls and set the whole batch size (anybatch).
+        unset = [stage for stage in self.stages if stage.batch_total is None]
+        for stage in unset:
+            stage.batch_total = mb_lib.batch_size(x)
+        try:
+            self.run_actions(self.train_schedule, step)
+        finally:
+            for stage in unset:
+                stage.batch_total = None
         for stage in self.stages:
             if regularize:
                 stage.add_regularization()

@@ -4,11 +4,12 @@ Policy for a batch size B that M does not divide: the first ``B mod M``
 micro-batches get one sample more than the others (``numpy.array_split``).
 Every micro-batch's loss is its sum of per-sample losses divided by the whole
 batch size B, so uneven micro-batches still add up to the unsplit model's mean.
+How each Keras loss reduction is combined exactly is in :data:`REDUCTIONS`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import tensorflow as tf
 
@@ -74,31 +75,106 @@ def split(batch: Any, num_microbatches: int) -> list[Any]:
     ]
 
 
-def microbatch_loss(loss: Callable[..., Any], y: Any, sample_weight: Any, num_microbatches: int,
-                    total: tf.Tensor | int) -> Callable[[int, Any], tf.Tensor]:
-    """The executor's loss for micro-batch j: its mean loss times its share n_j / B of the batch.
+REDUCTIONS = {
+    "sum_over_batch_size": "share",
+    "mean": "share",
+    "mean_with_sample_weight": "weight_share",
+    "sum": "sum",
+}
+"""Keras loss reduction -> how a micro-batch's loss enters the batch loss (all exact).
 
-    The sum over micro-batches is then the unsplit model's mean loss, for uneven
-    micro-batches too.
+- ``share``: a mean over the micro-batch's n_j samples, times n_j / B.
+- ``weight_share``: a mean weighted by sample weights, times sum(w_j) / sum(w)
+  (n_j / B without sample weights).
+- ``sum``: a sum over the micro-batch, added as is.
+
+``"none"`` (per-sample losses, no reduction) has no batch loss to split and is refused.
+"""
+
+
+def share(size: tf.Tensor | int, total: tf.Tensor | int) -> tf.Tensor:
+    """``size / total`` in float32: a micro-batch's share of the batch."""
+    return tf.cast(size, tf.float32) / tf.cast(total, tf.float32)
+
+
+def check_reduction(reduction: Any) -> str:
+    """Returns how a loss with Keras ``reduction`` is combined (a value of :data:`REDUCTIONS`).
+
+    Raises:
+        SettingError: for ``"none"``/``None`` or an unknown reduction.
+    """
+    if reduction in REDUCTIONS:
+        return REDUCTIONS[reduction]
+    raise SettingError(
+        f"loss reduction={reduction!r} is not supported by PipelineModel: a per-sample loss without "
+        f"reduction has no batch loss to split into micro-batches. Use one of {sorted(REDUCTIONS)} "
+        "(e.g. keras.losses.MeanSquaredError(reduction='sum_over_batch_size'), the default)."
+    )
+
+
+class Term(NamedTuple):
+    """One loss term of a micro-batch: its value, Keras reduction, and output path (for sample weights)."""
+
+    value: tf.Tensor
+    reduction: str
+    path: tuple = ()
+
+
+def _resolve(path: tuple, weights: Any) -> Any:
+    """The sample weights of the output at ``path`` (Keras' CompileLoss: by path when nested)."""
+    if weights is None or not tf.nest.is_nested(weights):
+        return weights
+    for key in path:
+        weights = weights[key]
+    return weights
+
+
+def microbatch_loss(loss: Callable[..., Any], y: Any, sample_weight: Any, num_microbatches: int,
+                    total: tf.Tensor | int, reduction: str = "sum_over_batch_size",
+                    batch_sample_weight: Any = None) -> Callable[[int, Any], tf.Tensor]:
+    """The executor's loss for micro-batch j, scaled so the sum over j is the batch loss.
+
+    With the default reduction the micro-batch's mean loss is multiplied by its
+    share n_j / B of the batch; the sum over micro-batches is then the unsplit
+    model's mean loss, for uneven micro-batches too. Other Keras reductions are
+    combined as :data:`REDUCTIONS` says.
 
     Args:
-        loss: ``loss(y_true, y_pred[, sample_weight])``; a per-sample result is averaged.
+        loss: ``loss(y_true, y_pred[, sample_weight])``: a tensor (a per-sample
+            result is averaged) or a list of :class:`Term` (one per output loss,
+            each combined by its own reduction).
         y: the mini-batch targets (split here).
         sample_weight: per-sample weights or ``None`` (split here).
         num_microbatches: M.
         total: B, the mini-batch size.
+        reduction: the Keras reduction of a tensor ``loss`` (a key of :data:`REDUCTIONS`).
+        batch_sample_weight: the whole batch's sample weights when ``sample_weight``
+            is only part of it (default: ``sample_weight``).
 
     Returns:
         ``loss_fn(j, y_pred_j) -> scalar`` for :meth:`pipeline.executor.Executor.train`.
+
+    Raises:
+        SettingError: for a reduction that cannot be split exactly (``"none"``).
     """
+    check_reduction(reduction)
     ys, weights = split(y, num_microbatches), split(sample_weight, num_microbatches)
-    total = tf.cast(total, tf.float32)
+    whole = sample_weight if batch_sample_weight is None else batch_sample_weight
+
+    def combine(j: int, y_pred: Any, term: Term) -> tf.Tensor:
+        rule = check_reduction(term.reduction)
+        if rule == "sum":
+            return tf.reduce_sum(tf.cast(term.value, tf.float32))
+        value = tf.reduce_mean(tf.cast(term.value, tf.float32))
+        if rule == "weight_share" and whole is not None:
+            part = tf.reduce_sum(tf.cast(_resolve(term.path, weights[j]), tf.float32))
+            return value * tf.math.divide_no_nan(part, tf.reduce_sum(tf.cast(_resolve(term.path, whole), tf.float32)))
+        return value * share(tf.shape(tf.nest.flatten(y_pred)[0])[0], total)
 
     def loss_fn(j: int, y_pred: Any) -> tf.Tensor:
         value = loss(ys[j], y_pred) if weights[j] is None else loss(ys[j], y_pred, weights[j])
-        value = tf.reduce_mean(tf.cast(value, tf.float32))
-        size = tf.cast(tf.shape(tf.nest.flatten(y_pred)[0])[0], tf.float32)
-        return value * (size / total)
+        terms = value if isinstance(value, list) else [Term(value, reduction)]
+        return tf.add_n([combine(j, y_pred, term) for term in terms])
 
     return loss_fn
 

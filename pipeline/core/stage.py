@@ -16,6 +16,8 @@ import keras
 import tensorflow as tf
 
 from pipeline.core import _compat
+from pipeline.core import microbatch as mb_lib
+from pipeline.core import numerics
 from pipeline.core import recompute as recompute_lib
 
 LossFn = Callable[[int, Any], tf.Tensor]
@@ -61,6 +63,15 @@ class Stage:
         """Scalar losses of this mini-batch: micro-batch losses, call-time losses, regularization."""
         self.in_flight = 0
         self.peak_in_flight = 0
+        self.loss_scale: tf.Tensor | None = None
+        """Set per training step under mixed_float16 (:func:`numerics.begin_step`): backward starts at scale*loss."""
+        self.numerics: str | None = None
+        """``check_numerics`` mode of this step: ``None`` (off, no ops added), ``"raise"`` or ``"report"``."""
+        self.batch_total: tf.Tensor | int | None = None
+        """B, the mini-batch size: call-time losses of a micro-batch of n_j samples are scaled by
+        n_j / B (:func:`scaled_call_losses`); ``None``: the micro-batch is the whole batch."""
+        self.infer_losses: list[tf.Tensor] | None = None
+        """When a list, forward-only calls append their scaled call-time losses to it (evaluate)."""
 
     def __repr__(self) -> str:
         return f"Stage({self.index}, {self.layer.name!r}, device={self.device!r})"
@@ -136,19 +147,26 @@ class Stage:
         """
         with tf.device(self.device):
             if not record:
-                return self.layer(x, training=training)
+                y = self.layer(x, training=training)
+                if self.infer_losses is not None:
+                    self.infer_losses.extend(scaled_call_losses(self.layer, x, self.batch_total))
+                return y
             inputs = [] if self.is_first else [t for t in tf.nest.flatten(x)]
             with tf.GradientTape() as tape:
-                tape.watch(inputs)
+                tape.watch([t for t in inputs if t.dtype.is_floating])  # int ids, bool masks: no gradient
                 if self.recompute:
                     y = recompute_lib.call(self.layer, x, training=training)
                 else:
                     y = self.layer(x, training=training)
                 scalars = [loss_fn(microbatch, y)] if loss_fn is not None else []
-                extra = _compat.call_losses(self.layer)
-                if extra:
-                    scalars.append(tf.add_n([tf.cast(t, tf.float32) for t in extra]))
+                scalars.extend(scaled_call_losses(self.layer, x, self.batch_total))
                 targets = (scalars if loss_fn is not None else list(tf.nest.flatten(y)) + scalars)
+            if self.numerics:  # outside the tape: the checks are no part of any backward
+                flat = tf.nest.flatten(y)
+                names = (["loss"] if loss_fn is not None else []) + ["call-time loss (add_loss)"] * len(scalars)
+                checked = numerics.check(flat + scalars, _labels("activation output", len(flat)) + names[:len(scalars)],
+                                         self.index, microbatch, self.numerics)
+                y, scalars = tf.nest.pack_sequence_as(y, checked[:len(flat)]), checked[len(flat):]
         self.step_losses.extend(scalars)
         self.saved_tapes[microbatch] = _Saved(inputs, targets, tape)
         self.in_flight += 1
@@ -171,8 +189,9 @@ class Stage:
         with tf.device(self.device):
             grads = saved.tape.gradient(
                 saved.targets, saved.inputs + variables,
-                output_gradients=_output_gradients(saved, grad),
+                output_gradients=_output_gradients(saved, grad, self.loss_scale),
             )
+            grads = self._check_grads(microbatch, grads, len(saved.inputs), variables)
             self.accumulate(grads[len(saved.inputs):])
         self.in_flight -= 1
         return grads[: len(saved.inputs)] if saved.inputs else None
@@ -184,11 +203,12 @@ class Stage:
         """
         saved = self.saved_tapes[microbatch]
         with tf.device(self.device):
-            out_grads = _output_gradients(saved, grad)
+            out_grads = _output_gradients(saved, grad, self.loss_scale)
             saved.input_grads = out_grads
             if not saved.inputs:
                 return None
-            return saved.tape.gradient(saved.targets, saved.inputs, output_gradients=out_grads)
+            grads = saved.tape.gradient(saved.targets, saved.inputs, output_gradients=out_grads)
+            return self._check_grads(microbatch, grads, len(saved.inputs), [])
 
     def backward_weight(self, microbatch: int) -> None:
         """Second half of a split backward: accumulate the weight gradients."""
@@ -197,7 +217,7 @@ class Stage:
             grads = saved.tape.gradient(
                 saved.targets, self.trainable_variables, output_gradients=saved.input_grads
             )
-            self.accumulate(grads)
+            self.accumulate(self._check_grads(microbatch, grads, 0, self.trainable_variables))
         self.in_flight -= 1
 
     def add_regularization(self) -> tf.Tensor | None:
@@ -207,7 +227,8 @@ class Stage:
         with tf.device(self.device):
             with tf.GradientTape() as tape:
                 reg = tf.add_n([tf.cast(r, tf.float32) for r in _compat.regularization_losses(self.layer)])
-            self.accumulate(tape.gradient(reg, self.trainable_variables))
+            scale = None if self.loss_scale is None else tf.cast(self.loss_scale, reg.dtype)
+            self.accumulate(tape.gradient(reg, self.trainable_variables, output_gradients=scale))
         self.step_losses.append(reg)
         return reg
 
@@ -219,18 +240,60 @@ class Stage:
             g = tf.cast(tf.convert_to_tensor(g), tf.float32)
             self.grad_sums[i] = g if self.grad_sums[i] is None else self.grad_sums[i] + g
 
+    def _check_grads(self, microbatch: int, grads: list[Any], num_inputs: int, variables: list[Any]) -> list[Any]:
+        """``grads`` (input gradients, then weight gradients) through the ``check_numerics`` checks, if on."""
+        if not self.numerics:
+            return grads
+        labels = _labels(f"cut-layer gradient (of stage {self.index}'s input)", num_inputs)
+        labels += [f"weight gradient of {v.path!r}" for v in variables]
+        return numerics.check(grads, labels, self.index, microbatch, self.numerics)
+
     def gradients(self) -> list[tf.Tensor | None]:
         """The float32 gradients accumulated since :meth:`reset`, one per trainable variable."""
         return list(self.grad_sums)
 
 
-def _output_gradients(saved: _Saved, grad: Any) -> list[tf.Tensor] | None:
-    """The ``output_gradients`` of a backward: the cut-layer gradient, then ones for the extra loss scalars."""
-    if grad is None and len(saved.targets) == 1:
+def scaled_call_losses(layer: keras.layers.Layer, x: Any, total: tf.Tensor | int | None) -> list[tf.Tensor]:
+    """The layer's call-time losses for micro-batch ``x`` (n_j samples), summed and scaled by n_j / B.
+
+    Keras adds each ``add_loss`` term once per call and divides an activity
+    regularizer's penalty by the call's batch size, so on the whole batch that is
+    penalty(batch) / B. Per micro-batch it is penalty(x_j) / n_j; times n_j / B it
+    sums to the batch value exactly for penalties that add up over samples (L1,
+    L2, L1L2). A generic ``add_loss`` term is treated the same way, as a batch
+    mean (exact for a mean over samples; a sum over samples would come out
+    divided by B).
+
+    Returns:
+        ``[]`` without call-time losses, else one float32 scalar.
+    """
+    extra = _compat.call_losses(layer)
+    if not extra:
+        return []
+    value = tf.add_n([tf.cast(t, tf.float32) for t in extra])
+    if total is None:
+        return [value]
+    return [value * mb_lib.share(mb_lib.batch_size(x), total)]
+
+
+def _output_gradients(saved: _Saved, grad: Any, scale: tf.Tensor | None = None) -> list[tf.Tensor] | None:
+    """The ``output_gradients`` of a backward: the cut-layer gradient, then ones for the extra loss scalars.
+
+    Under loss scaling the loss scalars start from ``scale`` instead of one (Keras'
+    ``optimizer.scale_loss``); a cut-layer gradient arrives already scaled.
+    """
+    if grad is None and len(saved.targets) == 1 and scale is None:
         return None
     grads = [] if grad is None else list(tf.nest.flatten(grad))
-    grads += [tf.ones_like(t) for t in saved.targets[len(grads):]]
+    if scale is None:
+        grads += [tf.ones_like(t) for t in saved.targets[len(grads):]]
+    else:
+        grads += [tf.cast(scale, t.dtype) * tf.ones_like(t) for t in saved.targets[len(grads):]]
     return grads
+
+
+def _labels(name: str, count: int) -> list[str]:
+    return [name] if count == 1 else [f"{name} #{k}" for k in range(count)]
 
 
 def _same_device(actual: str, wanted: str) -> bool:

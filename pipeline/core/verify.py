@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.core import _compat
+from pipeline.core import batchnorm as bn_lib
 from pipeline.core import microbatch as mb_lib
 from pipeline.core.executor import Executor
 from pipeline.core.model import PipelineModel
@@ -47,6 +48,8 @@ class VerifyReport:
     """The largest |unsplit gradient| over all variables: the tolerance is ``atol + rtol * scale``."""
     notes: tuple[str, ...] = ()
     """Known semantic differences between the two runs (e.g. random layers), for the reader."""
+    reference: str = "reference: the unsplit model on the whole batch"
+    """What the pipelined step is compared with (for BatchNorm models: the same ``batchnorm`` semantics)."""
 
     @property
     def ok(self) -> bool:
@@ -71,7 +74,7 @@ class VerifyReport:
             f"(tolerance atol + rtol * largest gradient = {self.atol:g} + {self.rtol:g} * {self.scale:.3e})"
         )
         width = max([len(v.name) for v in self.variables] + [8])
-        lines = [header, f"  loss: pipelined {self.loss_pipelined:.8g}, unsplit {self.loss_unsplit:.8g}",
+        lines = [header, f"  {self.reference}", f"  loss: pipelined {self.loss_pipelined:.8g}, unsplit {self.loss_unsplit:.8g}",
                  f"  {'stage':>5}  {'variable':<{width}}  {'shape':<14} {'max abs diff':>12} {'max rel diff':>12}  ok"]
         for v in self.variables:
             lines.append(
@@ -87,7 +90,7 @@ class VerifyReport:
 def verify(stages_or_model: PipelineModel | Sequence[keras.layers.Layer], x: Any, y: Any,
            loss: str | keras.losses.Loss | Callable, microbatches: int | None = None,
            schedule: str | None = None, devices: Sequence[str] | str | None = None,
-           rtol: float = 1e-5, atol: float = 1e-6) -> VerifyReport:
+           rtol: float = 1e-5, atol: float = 1e-6, batchnorm: str | None = None) -> VerifyReport:
     """Checks that a pipelined step computes the unsplit model's gradients.
 
     The pipelined gradients come from the real executor (micro-batches,
@@ -108,14 +111,22 @@ def verify(stages_or_model: PipelineModel | Sequence[keras.layers.Layer], x: Any
             (Dropout) start both runs from the same seed-generator states, so at M=1 they draw
             the same masks; at M>1 they cannot, and the report says so in a note.
         atol: absolute tolerance of the per-variable check.
+        batchnorm: the BatchNorm mode (default: the model's, else ``"microbatch"``). A model with
+            BatchNormalization layers is compared with the unsplit model run with the same semantics:
+            ``"microbatch"``: on the same ghost batches (each micro-batch separately, gradients summed
+            with the same loss shares); ``"deferred"``: the same, with the moving statistics updated
+            once from the concatenated inputs of each layer; ``"frozen"``: BatchNorm in inference mode.
+            The moving statistics after both runs are compared too; both are restored afterwards.
 
     Returns:
         A :class:`VerifyReport`; ``str(report)`` is a readable table.
     """
+    if batchnorm is not None:
+        bn_lib.check_mode(batchnorm)  # before any compute
     model = stages_or_model
     if not isinstance(model, PipelineModel):
-        model = PipelineModel(list(stages_or_model), devices=devices,
-                              microbatches=microbatches or 1, schedule=schedule or "1f1b")
+        model = PipelineModel(list(stages_or_model), devices=devices, microbatches=microbatches or 1,
+                              schedule=schedule or "1f1b", batchnorm=batchnorm or "microbatch")
     stages = model.stages
     m = microbatches or model.microbatches
     schedule_name = schedule or model.executor.schedule_name
@@ -127,38 +138,51 @@ def verify(stages_or_model: PipelineModel | Sequence[keras.layers.Layer], x: Any
         # and hand PipelineModel.build single ints ("'int' object is not iterable").
         model.build(tf.nest.map_structure(lambda t: t.shape, x))
     loss_obj = keras.losses.get(loss)
-    loss_fn = mb_lib.microbatch_loss(loss_obj, y, None, m, mb_lib.batch_size(x))
+    size = mb_lib.batch_size(x)
+    loss_fn = mb_lib.microbatch_loss(loss_obj, y, None, m, size)
+    mode = bn_lib.check_mode(batchnorm or model.batchnorm_control.mode)
+    control = bn_lib.BatchNormControl(stages, mode, warn=False)
+    bns = [bn for _, bn in control.layers()]
+    variables = [v for stage in stages for v in stage.trainable_variables]
 
     @tf.function
     def pipelined():
-        result = executor.train(x, loss_fn)
+        with control.step(size, m):
+            result = executor.train(x, loss_fn)
         return result.loss, result.gradients
 
     @tf.function
     def unsplit():
-        with tf.GradientTape() as tape:
-            out = x
-            extra = []
-            for stage in stages:
-                with tf.device(stage.device):
-                    out = stage.layer(out, training=True)
-                extra += stage.layer.losses
-            value = tf.reduce_mean(tf.cast(loss_obj(y, out), tf.float32))
-            if extra:
-                value += tf.add_n([tf.cast(e, tf.float32) for e in extra])
-        variables = [v for stage in stages for v in stage.trainable_variables]
+        if bns and mode != "frozen":
+            return _ghost_reference(stages, bns, mode, x, loss_fn, m, variables)
+        with control.step(size, m):  # "frozen": BatchNorm in inference mode, as in the pipeline
+            with tf.GradientTape() as tape:
+                out = x
+                extra = []
+                for stage in stages:
+                    with tf.device(stage.device):
+                        out = stage.layer(out, training=True)
+                    extra += stage.layer.losses
+                value = tf.reduce_mean(tf.cast(loss_obj(y, out), tf.float32))
+                if extra:
+                    value += tf.add_n([tf.cast(e, tf.float32) for e in extra])
         return value, tape.gradient(value, variables)
 
     # Random layers (Dropout, GaussianNoise...) draw from Keras seed generators: both runs start from
-    # the same generator states, so at M=1 they draw the same masks.
+    # the same generator states, so at M=1 they draw the same masks. BatchNorm moving statistics also
+    # start equal in both runs; verify leaves them as they were.
     seeds = _seed_states(stages)
+    stats = [v for bn in bns for v in (bn.moving_mean, bn.moving_variance)]
     saved = [v.numpy() for v in seeds]
+    saved_stats = [v.numpy() for v in stats]
     loss_p, grads_p = pipelined()
     after = [v.numpy() for v in seeds]
-    for v, value in zip(seeds, saved):
+    stats_p = [v.numpy() for v in stats]
+    for v, value in zip(seeds + stats, saved + saved_stats):
         v.assign(value)
     loss_u, grads_u = unsplit()
-    for v, value in zip(seeds, after):
+    stats_u = [v.numpy() for v in stats]
+    for v, value in zip(seeds + stats, after + saved_stats):
         v.assign(value)
     notes = []
     if seeds and m > 1:
@@ -168,6 +192,10 @@ def verify(stages_or_model: PipelineModel | Sequence[keras.layers.Layer], x: Any
         )
     elif seeds:
         notes.append("random layers (e.g. Dropout) drew the same seeded masks in both runs")
+    reference = "reference: the unsplit model on the whole batch"
+    if bns:
+        reference, note = _batchnorm_reference(mode, bns, size, m)
+        notes.append(note)
     flat_p = [None if g is None else np.asarray(tf.convert_to_tensor(g))
               for stage_grads in grads_p for g in stage_grads]
     flat_u = [None if g is None else np.asarray(tf.convert_to_tensor(g)) for g in grads_u]
@@ -178,8 +206,79 @@ def verify(stages_or_model: PipelineModel | Sequence[keras.layers.Layer], x: Any
         for var in stage.trainable_variables:
             checks.append(_compare(stage.index, var, flat_p[k], flat_u[k], rtol * scale + atol))
             k += 1
+    owner = {id(bn): stage.index for stage, bn in control.layers()}
+    for i, var in enumerate(stats):  # moving statistics: relative to their own size
+        stat_scale = float(np.max(np.abs(stats_u[i]))) if stats_u[i].size else 0.0
+        checks.append(_compare(owner[id(bns[i // 2])], var, stats_p[i], stats_u[i], rtol * stat_scale + atol))
     return VerifyReport(schedule_name, len(stages), m, rtol, atol, float(loss_p), float(loss_u), checks,
-                        scale, tuple(notes))
+                        scale, tuple(notes), reference)
+
+
+def _ghost_reference(stages: Sequence[Any], bns: list[Any], mode: str, x: Any, loss_fn: Callable,
+                     m: int, variables: list[Any]) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """The unsplit model run on each micro-batch separately (ghost batches), gradients summed.
+
+    For ``"deferred"`` the moving statistics are then set to one Keras update from the
+    concatenated inputs each BatchNorm layer saw (replacing its M per-micro-batch updates).
+    """
+    old = [(tf.identity(bn.moving_mean), tf.identity(bn.moving_variance)) for bn in bns]
+    total, grads = [], [None] * len(variables)
+    with bn_lib.capture_inputs(bns) as seen:
+        for j, xj in enumerate(mb_lib.split(x, m)):
+            with tf.GradientTape() as tape:
+                out, extra = xj, []
+                for stage in stages:
+                    with tf.device(stage.device):
+                        out = stage.layer(out, training=True)
+                    extra += _compat.call_losses(stage.layer)
+                value = loss_fn(j, out)
+                if extra:
+                    value += tf.add_n([tf.cast(e, tf.float32) for e in extra])
+            total.append(value)
+            grads = [_add(a, b) for a, b in zip(grads, tape.gradient(value, variables))]
+    with tf.GradientTape() as tape:
+        reg = [tf.cast(r, tf.float32) for stage in stages for r in _compat.regularization_losses(stage.layer)]
+        value = tf.add_n(reg) if reg else None
+    if value is not None:
+        total.append(value)
+        grads = [_add(a, b) for a, b in zip(grads, tape.gradient(value, variables))]
+    if mode == "deferred":
+        for bn, (mean, variance) in zip(bns, old):
+            if seen[id(bn)]:
+                new_mean, new_variance = bn_lib.full_batch_update(bn, seen[id(bn)], mean, variance)
+                bn.moving_mean.assign(tf.cast(new_mean, bn.moving_mean.dtype))
+                bn.moving_variance.assign(tf.cast(new_variance, bn.moving_variance.dtype))
+    return tf.add_n(total), grads
+
+
+def _add(a: Any, b: Any) -> Any:
+    return b if a is None else (a if b is None else a + b)
+
+
+def _batchnorm_reference(mode: str, bns: list[Any], size: Any, m: int) -> tuple[str, str]:
+    """The report's reference line and the note naming why BatchNorm differs from one whole-batch step."""
+    names = ", ".join(bn.name for bn in bns)
+    if isinstance(size, int):
+        pieces = sorted(set(mb_lib.sizes(size, m)))
+        ghost = "-".join(str(p) for p in pieces)
+    else:
+        ghost, size = "about B/M", "B"
+    if mode == "frozen":
+        return ("reference: the unsplit model with BatchNorm in inference mode, because batchnorm='frozen'",
+                f"BatchNorm ({names}): batchnorm='frozen' normalizes with the moving statistics and does not "
+                "update them; Keras' training mode would use batch statistics (cause of any difference from fit "
+                "of the unsplit model)")
+    reference = f"reference: ghost batches of {ghost} samples, because batchnorm={mode!r}"
+    if mode == "deferred":
+        reference += f"; moving statistics updated once from the whole batch of {size}"
+        update = "updates the moving statistics once per step from the whole mini-batch"
+    else:
+        update = f"updates the moving statistics {m} times per step (momentum applied {m} times)"
+    return reference, (
+        f"BatchNorm ({names}): batchnorm={mode!r} normalizes each micro-batch with its own statistics "
+        f"(ghost batches of {ghost}) and {update}: a whole-batch step of the unsplit model differs by design, "
+        "so the reference runs the same semantics; rows for moving_mean/moving_variance compare the moving "
+        "statistics after both runs")
 
 
 def _seed_states(stages: Sequence[Any]) -> list[Any]:

@@ -86,6 +86,26 @@ def parse_costs(text: Sequence[str]) -> list[sim.StageCost]:
     return costs
 
 
+def boundary_bytes(stages: Sequence[Any], microbatch: Any) -> list[int]:
+    """Bytes each boundary sends for one micro-batch: the stages run forward once, outputs measured.
+
+    Args:
+        stages: the K stage models (or :class:`pipeline.core.stage.Stage` objects).
+        microbatch: one micro-batch of the pipeline input.
+
+    Returns:
+        K-1 byte counts, every tensor crossing the boundary (skips, masks, pass-throughs) included.
+    """
+    import tensorflow as tf  # noqa: PLC0415 - the tables above need no TensorFlow
+
+    sent, x = [], microbatch
+    layers = [getattr(s, "layer", s) for s in stages]
+    for layer in layers[:-1]:
+        x = layer(x, training=False)
+        sent.append(int(sum(int(tf.size(t)) * tf.as_dtype(t.dtype).size for t in tf.nest.flatten(x))))
+    return sent
+
+
 def scaled_costs(costs: Sequence[sim.StageCost], at_m: int) -> Callable[[int], list[sim.StageCost]]:
     """``costs`` measured at M=``at_m``, scaled by ``at_m / m`` for another M (work per micro-batch ~ 1/M)."""
     return lambda m: [sim.StageCost(c.forward * at_m / m, c.backward * at_m / m, c.weight) for c in costs]

@@ -33,6 +33,8 @@ METRICS = (
     "sparse_top_k_categorical_accuracy", "top_k_categorical_accuracy", "mae", "mse",
 )
 UNEVEN_POLICIES = ("allow", "forbid")
+BATCHNORM_MODES = ("microbatch", "deferred", "frozen")
+"""The modes of :data:`pipeline.core.batchnorm.MODES` (kept TensorFlow-free here; a test checks they agree)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,9 @@ class PipelineConfig:
     microbatches: int = 1
     schedule: str = "1f1b"
     uneven_microbatches: str = "allow"
+    batchnorm: str = "microbatch"
+    """BatchNormalization in a step: ``microbatch`` (ghost batches), ``deferred`` (moving statistics once
+    per step from the whole mini-batch) or ``frozen`` (inference mode); see :mod:`pipeline.core.batchnorm`."""
 
 
 @dataclass(frozen=True)
@@ -290,6 +295,7 @@ def _check_pipeline(cfg: Config) -> None:
     p = cfg.pipeline
     _positive("pipeline.microbatches", p.microbatches)
     _choice("pipeline.schedule", p.schedule, SCHEDULES)
+    _choice("pipeline.batchnorm", p.batchnorm, BATCHNORM_MODES)
     _choice("pipeline.uneven_microbatches", p.uneven_microbatches, UNEVEN_POLICIES)
     if p.microbatches > cfg.data.batch_size:
         raise _fail("pipeline.microbatches", p.microbatches,
