@@ -2,6 +2,7 @@
 
 import itertools
 import random
+import warnings
 
 import keras
 import numpy as np
@@ -161,3 +162,16 @@ def test_split_balanced_by_time_isolates_the_slow_layers():
 
 def _names(stages):
     return [[layer.name for layer in stage.layers] for stage in stages]
+
+
+def test_balanced_split_warns_when_one_stage_stays_far_above_the_mean():
+    from pipeline.core import partition
+
+    model = _uneven_model()  # "big" holds 4352 of 6480 parameters: no 3-stage cut can balance it
+    with pytest.warns(UserWarning, match=r"stage 0 holds 67% of the params cost \(stages: 67%, 32%, 1%; an even "
+                                         r"split would be 33% each\)"):
+        partition.split(model, num_stages=3, balance="params")
+    even = keras.Sequential([keras.Input((8,))] + [keras.layers.Dense(8) for _ in range(4)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        partition.split(even, num_stages=2, balance="params")  # 50% / 50%: no warning

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 import weakref
 from typing import Any, Sequence
 
@@ -376,4 +377,24 @@ def _balanced_cuts(model: keras.Model, layers: list, node_layers: list[int], num
     if graph is not None:
         cut_bytes += [graph.bytes_per_sample(pos) for pos in valid]
     points = balance_lib.partition_points(blocks, num_stages, cut_costs=cut_bytes if graph is not None else None)
+    _warn_if_unbalanced(model, balance, balance_lib.stage_sums(blocks, points))
     return [block_end[p - 1] for p in points]
+
+
+UNBALANCED = 1.5
+"""A balanced split warns when its costliest stage exceeds this multiple of the mean stage cost."""
+
+
+def _warn_if_unbalanced(model: keras.Model, balance: str, sums: list[float]) -> None:
+    """Warns when the best split the graph allows still leaves one stage far above the mean."""
+    total = sum(sums)
+    if len(sums) < 2 or total <= 0 or max(sums) <= UNBALANCED * total / len(sums):
+        return
+    worst = max(range(len(sums)), key=sums.__getitem__)
+    shares = ", ".join(f"{100 * s / total:.0f}%" for s in sums)
+    warnings.warn(
+        f"split({model.name!r}, num_stages={len(sums)}, balance={balance!r}): stage {worst} holds "
+        f"{100 * sums[worst] / total:.0f}% of the {balance} cost (stages: {shares}; an even split would be "
+        f"{100 / len(sums):.0f}% each). This is the most even split the graph allows: one block between "
+        "two possible cuts is that large. Use fewer stages, another balance mode, or place that stage on "
+        "the fastest device.", stacklevel=3)
