@@ -78,3 +78,32 @@ def test_split_and_verify(built_models, eager, arch, num_stages, balance, microb
     checked = {check.name for check in report.variables}
     assert {v.path for v in model.trainable_variables} <= checked
     assert "inference mode" in report.reference or "frozen" in report.reference, report.reference
+
+
+@pytest.mark.parametrize("arch,num_stages,microbatches,schedule", [("MobileNetV2", 3, 2, "1f1b"),
+                                                                   ("EfficientNetB0", 2, 4, "gpipe")])
+def test_three_fit_steps_equal_the_unsplit_model(arch, num_stages, microbatches, schedule):
+    """fit with batchnorm="frozen" equals a plain loop over the unsplit model with BN in inference mode."""
+    cache: dict = {}
+    model = _model(cache, arch)
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    initial = model.get_weights()
+    x, y = _batch()
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    stages = pipeline.split(model, num_stages=num_stages)
+    piped = pipeline.PipelineModel(stages, microbatches=microbatches, schedule=schedule, batchnorm="frozen")
+    piped.compile(keras.optimizers.SGD(0.05), loss, run_eagerly=True)
+    history = piped.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0).history["loss"]
+    optimizer = keras.optimizers.SGD(0.05)
+    losses = []
+    for _ in range(3):
+        with tf.GradientTape() as tape:
+            # training=False: BatchNorm in inference mode (the Dropout layers have rate 0)
+            value = loss(y, reference(x, training=False))
+        optimizer.apply(tape.gradient(value, reference.trainable_variables), reference.trainable_variables)
+        losses.append(float(value))
+    np.testing.assert_allclose(history, losses, rtol=1e-5)
+    for got, want in zip(model.trainable_variables, reference.trainable_variables):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-6, err_msg=got.path)
+    assert any(not np.allclose(a, b) for a, b in zip(model.get_weights(), initial))  # it trained
