@@ -189,3 +189,25 @@ def test_verify_tolerance_is_relative_to_the_largest_gradient(monkeypatch):
 
     monkeypatch.setattr(Stage, "backward", doubled)
     assert not verify(stages, x, y, "mse", microbatches=2).ok
+    real_error = verify(stages, x, y, "mse", microbatches=2)
+    assert not any("float32 rounding" in note for note in real_error.notes)  # a real error is not "noise"
+
+
+def test_verify_names_float_noise_as_the_cause_of_tiny_failures(monkeypatch):
+    from pipeline.core.stage import Stage
+
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Dense(1, name="head")(keras.layers.Dense(4, name="big")(inp)))
+    stages = split(model, cuts=["big"])
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(8, 4)).astype("float32"), rng.normal(size=(8, 1)).astype("float32")
+    original = Stage.backward
+
+    def nudged(self, microbatch, grad=None):  # a 2e-5 relative error on the cut gradient: float-noise sized
+        return original(self, microbatch, None if grad is None else [g * (1 + 2e-5) for g in grad])
+
+    monkeypatch.setattr(Stage, "backward", nudged)
+    report = verify(stages, x, y, "mse", microbatches=2, rtol=1e-7, atol=0.0)
+    assert not report.ok
+    assert any("float32 rounding" in note and "rtol=0.0001" in note for note in report.notes), report.notes
+    assert verify(stages, x, y, "mse", microbatches=2, rtol=1e-4).ok
