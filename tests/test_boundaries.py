@@ -67,6 +67,17 @@ def _two_inputs() -> keras.Model:
     return keras.Model([img, tab], keras.layers.Dense(2, name="head")(h), name="two_inputs")
 
 
+def _dict_inputs() -> keras.Model:
+    """Dict inputs and dict outputs: the tabular input is used late, the image output early."""
+    img, tab = keras.Input((6, 6, 1), name="img"), keras.Input((3,), name="tab")
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="conv1")(img)
+    pooled = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    h = keras.layers.Dense(8, activation="relu", name="dense")(keras.layers.Flatten(name="flat")(h))
+    h = keras.layers.Concatenate(name="join")([h, tab])
+    outputs = {"cls": keras.layers.Dense(2, name="cls")(h), "aux": keras.layers.Dense(1, name="aux")(pooled)}
+    return keras.Model({"img": img, "tab": tab}, outputs, name="dict_inputs")
+
+
 def _ids(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, 12, (n, 6)).astype("int32")
@@ -83,12 +94,16 @@ def _data(name: str, n: int):
     if name == "two_inputs":
         return [rng.normal(size=(n, 6, 6, 1)).astype("float32"), rng.normal(size=(n, 3)).astype("float32")], \
             rng.integers(0, 2, n).astype("int32")
+    if name == "dict_inputs":
+        return ({"img": rng.normal(size=(n, 6, 6, 1)).astype("float32"), "tab": rng.normal(size=(n, 3)).astype("float32")},
+                {"cls": rng.integers(0, 2, n).astype("int32"), "aux": rng.normal(size=(n, 1)).astype("float32")})
     return _ids(n), rng.integers(0, 3, n).astype("int32")
 
 
 BUILD = {"unet": _unet, "encoder": _transformer, "masked_lstm": _lstm, "masked_attention": _masked_attention,
-         "two_inputs": _two_inputs}
-LOSS = {"unet": "mse"}
+         "two_inputs": _two_inputs, "dict_inputs": _dict_inputs}
+LOSS = {"unet": "mse", "dict_inputs": {"cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                                       "aux": "mse"}}
 
 
 def _fit_both(name: str, m: int, schedule: str, cuts=None, num_stages=None, balance="params", steps=3, batch=4,
@@ -100,8 +115,9 @@ def _fit_both(name: str, m: int, schedule: str, cuts=None, num_stages=None, bala
     piped = pipeline.PipelineModel(stages, devices="cpu", microbatches=m, schedule=schedule)
     x, y = _data(name, steps * batch + extra)  # extra < batch: a last, smaller batch
     loss = LOSS.get(name, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    piped.compile(keras.optimizers.SGD(0.2), loss)
-    reference.compile(keras.optimizers.SGD(0.2), loss)
+    weights = {"cls": 1.0, "aux": 0.5} if isinstance(loss, dict) else None
+    piped.compile(keras.optimizers.SGD(0.2), loss, loss_weights=weights)
+    reference.compile(keras.optimizers.SGD(0.2), loss, loss_weights=weights)
     got = piped.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0).history["loss"]
     want = reference.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0).history["loss"]
     np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -175,6 +191,13 @@ def test_two_input_model_cut_inside_the_image_branch_passes_the_tabular_input_th
     report = pipeline.verify(stages, x, _data("two_inputs", 12)[1], keras.losses.SparseCategoricalCrossentropy(
         from_logits=True), microbatches=2, schedule="1f1b", devices="cpu")
     assert report.ok and report.max_abs < 1e-6, str(report)
+
+
+@pytest.mark.parametrize("cuts,num_stages", [(["conv1", "dense"], None), (None, 3)])
+def test_dict_inputs_and_outputs_through_split(cuts, num_stages):
+    stages, piped, x = _fit_both("dict_inputs", 2, "1f1b", cuts=cuts, num_stages=num_stages, extra=1)
+    assert set(piped.predict(x, verbose=0)) == {"cls", "aux"}
+    assert any("input tab" in [t.producer for t in b.tensors] for b in boundaries(stages))
 
 
 def test_boundary_description_lists_tensors_and_bytes_per_sample():
