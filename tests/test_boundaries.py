@@ -111,9 +111,10 @@ def _fit_both(name: str, m: int, schedule: str, cuts=None, num_stages=None, bala
     """Fits the pipeline and the unsplit model from the same weights; returns both weight lists and losses."""
     model, reference = BUILD[name](), BUILD[name]()
     reference.set_weights(model.get_weights())
-    stages = split(model, cuts=cuts, num_stages=num_stages, balance=balance)
-    piped = pipeline.PipelineModel(stages, devices="cpu", microbatches=m, schedule=schedule)
     x, y = _data(name, steps * batch + extra)  # extra < batch: a last, smaller batch
+    sample = keras.tree.map_structure(lambda t: t[:batch], x) if balance == "time" else None
+    stages = split(model, cuts=cuts, num_stages=num_stages, balance=balance, sample_input=sample)
+    piped = pipeline.PipelineModel(stages, devices="cpu", microbatches=m, schedule=schedule)
     loss = LOSS.get(name, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     weights = {"cls": 1.0, "aux": 0.5} if isinstance(loss, dict) else None
     piped.compile(keras.optimizers.SGD(0.2), loss, loss_weights=weights)
@@ -198,6 +199,21 @@ def test_dict_inputs_and_outputs_through_split(cuts, num_stages):
     stages, piped, x = _fit_both("dict_inputs", 2, "1f1b", cuts=cuts, num_stages=num_stages, extra=1)
     assert set(piped.predict(x, verbose=0)) == {"cls", "aux"}
     assert any("input tab" in [t.producer for t in b.tensors] for b in boundaries(stages))
+
+
+BALANCED = [(name, k, balance, m, schedule)
+            for name, rows in {"encoder": [(2, "time", 2, "1f1b"), (3, "params", 4, "gpipe"), (4, "time", 4, "1f1b")],
+                               "two_inputs": [(2, "params", 4, "gpipe"), (3, "time", 2, "1f1b"),
+                                              (4, "params", 2, "gpipe")],
+                               "masked_lstm": [(2, "params", 2, "gpipe"), (3, "time", 4, "1f1b")]}.items()
+            for k, balance, m, schedule in rows]
+
+
+@pytest.mark.parametrize("name,k,balance,m,schedule", BALANCED,
+                         ids=[f"{n}-K{k}-{b}-M{m}-{s}" for n, k, b, m, s in BALANCED])
+def test_balanced_splits_of_masked_and_multi_input_models_train_like_the_unsplit_model(name, k, balance, m, schedule):
+    stages, _, _ = _fit_both(name, m, schedule, num_stages=k, balance=balance)
+    assert len(stages) == k
 
 
 def test_boundary_description_lists_tensors_and_bytes_per_sample():
