@@ -241,7 +241,7 @@ class PipelineModel(keras.Model):
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: dict[str, Any] | None = None) -> "PipelineModel":
         """Rebuilds the model from :meth:`get_config`; saved explicit devices missing here fall back to "auto"."""
-        return cls(**saving.init_kwargs(cls, config, custom_objects))
+        return cls(**saving.init_kwargs(config, custom_objects))
 
     def compile_from_config(self, config: dict[str, Any]) -> None:
         """Compiles as saved (``keras.models.load_model``) and builds the optimizer so its state loads."""

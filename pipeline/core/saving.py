@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import inspect
 import warnings
 from typing import Any, Iterator, Sequence
 
@@ -15,13 +14,9 @@ from pipeline.core import devices as devices_lib
 from pipeline.core import schedule as sched
 from pipeline.errors import DeviceError, SettingError
 
-OPTIONAL_SETTINGS = {"batchnorm": ("batchnorm", "batchnorm_control.mode"), "check_numerics": ("check_numerics",)}
-"""Settings saved when this version's ``PipelineModel.__init__`` takes them: where the instance keeps them."""
-
 EXPORT_FORMATS = ("tf_saved_model",)
 """What :func:`export` writes."""
 
-_MISSING = object()
 _LOAD_DEVICES: contextvars.ContextVar[Any] = contextvars.ContextVar("pipeline_load_devices", default=None)
 
 
@@ -67,19 +62,6 @@ def schedule_name(generator: Any) -> str:
     )
 
 
-def _optional_value(model: Any, key: str) -> tuple[bool, Any]:
-    """``(taken, value)``: whether the constructor takes the setting, and its value on the instance (or _MISSING)."""
-    if key not in inspect.signature(type(model).__init__).parameters:
-        return False, _MISSING
-    for path in OPTIONAL_SETTINGS[key]:
-        value: Any = model
-        for attr in path.split("."):
-            value = getattr(value, attr, _MISSING)
-        if value is not _MISSING:
-            return True, value
-    return True, _MISSING
-
-
 def pipeline_config(model: Any) -> dict[str, Any]:
     """The ``get_config`` of a ``PipelineModel``: nested stage configs plus every setting but the reducer.
 
@@ -97,15 +79,9 @@ def pipeline_config(model: Any) -> dict[str, Any]:
         "microbatches": model.microbatches,
         "schedule": schedule_name(model.executor.generator),
         "recompute": [stage.recompute for stage in model.pipeline_stages],
+        "batchnorm": model.batchnorm_control.mode,
+        "check_numerics": model.check_numerics,
     }
-    for key in OPTIONAL_SETTINGS:
-        taken, value = _optional_value(model, key)
-        if value is not _MISSING:
-            config[key] = value
-        elif taken:
-            warnings.warn(f"PipelineModel {model.name!r}: the {key}= setting is not found on the model (looked at "
-                          f"{', '.join(OPTIONAL_SETTINGS[key])}); it is not saved and a loaded model gets the "
-                          "default.", stacklevel=3)
     if model.gradient_reducer is not None:
         warnings.warn(
             f"PipelineModel {model.name!r}: gradient_reducer is a Python callable and is not saved with the "
@@ -137,7 +113,7 @@ def _devices_here(policy: Any, num_stages: int) -> Any:
         return "auto"
 
 
-def init_kwargs(cls: type, config: dict[str, Any], custom_objects: dict[str, Any] | None = None) -> dict[str, Any]:
+def init_kwargs(config: dict[str, Any], custom_objects: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``PipelineModel(**kwargs)`` that :func:`pipeline_config` describes, stages deserialized.
 
     Raises:
@@ -151,12 +127,6 @@ def init_kwargs(cls: type, config: dict[str, Any], custom_objects: dict[str, Any
     stage_configs = config.pop("stages")
     config["devices"] = _devices_here(config.get("devices"), len(stage_configs))
     stages = [keras.saving.deserialize_keras_object(c, custom_objects=custom_objects) for c in stage_configs]
-    accepted = inspect.signature(cls.__init__).parameters
-    for key in OPTIONAL_SETTINGS:
-        if key in config and key not in accepted:
-            value = config.pop(key)
-            warnings.warn(f"the saved PipelineModel has {key}={value!r}, which this version's PipelineModel does "
-                          "not take; it is ignored.", stacklevel=3)
     return {"stages": stages, **config}
 
 
