@@ -72,24 +72,26 @@ class SizedExecutors:
         """
         size = mb_lib.batch_size(x)
         m = self.num_microbatches
-        with self.batch_total(size):
-            if isinstance(size, int) or m == 1:
-                count = min(size, m) if isinstance(size, int) else m
-                result = self.get(count).train(
-                    x, mb_lib.microbatch_loss(loss, y, sample_weight, count, size), training=training)
-                return result.loss, result.gradients, self.merge(result.y_preds)
-            structure: list[Gradients] = []  # the gradient pattern (None or not) of the full branch
+        # Executor.train scales call-time losses by each micro-batch's share of the x it is given;
+        # only the one-sample loop runs one batch as several calls and must name the whole batch.
+        if isinstance(size, int) or m == 1:
+            count = min(size, m) if isinstance(size, int) else m
+            result = self.get(count).train(
+                x, mb_lib.microbatch_loss(loss, y, sample_weight, count, size), training=training)
+            return result.loss, result.gradients, self.merge(result.y_preds)
+        structure: list[Gradients] = []  # the gradient pattern (None or not) of the full branch
 
-            def full() -> Any:
-                result = self.full.train(x, mb_lib.microbatch_loss(loss, y, sample_weight, m, size),
-                                         training=training)
-                structure.append(result.gradients)
-                return result.loss, _flat(result.gradients), self.merge(result.y_preds)
+        def full() -> Any:
+            result = self.full.train(x, mb_lib.microbatch_loss(loss, y, sample_weight, m, size),
+                                     training=training)
+            structure.append(result.gradients)
+            return result.loss, _flat(result.gradients), self.merge(result.y_preds)
 
-            def small() -> Any:
+        def small() -> Any:
+            with self.batch_total(size):
                 return self.one_by_one(x, y, sample_weight, loss, size, training, structure[0])
 
-            total, flat, y_pred = tf.cond(size >= m, full, small)
+        total, flat, y_pred = tf.cond(size >= m, full, small)
         return total, _unflat(flat, structure[0]), y_pred
 
     @contextlib.contextmanager
