@@ -56,6 +56,7 @@ class SizedExecutors:
         executor.action_hook = self.full.action_hook
         return executor
 
+    @tf.autograph.experimental.do_not_convert  # plain Python building ops: AutoGraph would only slow it
     def train(self, x: Any, y: Any, sample_weight: Any, loss: Callable[..., Any],
               training: bool = True) -> tuple[tf.Tensor, Gradients, Any]:
         """One training mini-batch on any batch size.
@@ -137,6 +138,7 @@ class SizedExecutors:
             y_pred = tf.nest.pack_sequence_as(y0, [tf.identity(t) for t in outs])
         return total, grads, y_pred
 
+    @tf.autograph.experimental.do_not_convert  # plain Python building ops: AutoGraph would only slow it
     def infer_with_losses(self, x: Any) -> tuple[Any, tf.Tensor]:
         """Forward only, plus the call-time losses (``add_loss``, activity regularizers) of the batch.
 
@@ -163,6 +165,7 @@ class SizedExecutors:
                 return run(self.get(min(size, m) if isinstance(size, int) else m))
             return tf.cond(size >= m, lambda: run(self.full), lambda: run(self.get(1)))
 
+    @tf.autograph.experimental.do_not_convert  # plain Python building ops: AutoGraph would only slow it
     def infer(self, x: Any) -> Any:
         """Forward only on any batch size; returns the merged outputs."""
         size = mb_lib.batch_size(x)

@@ -64,10 +64,13 @@ def _local_key(name: str) -> tuple[str, int]:
 
 def _check_explicit(devices: Sequence[str], num_stages: int) -> list[str]:
     devices = [str(d) for d in devices]
+    if devices and len(devices) < num_stages and num_stages % len(devices) == 0:
+        devices = round_robin(devices, num_stages)
     if len(devices) != num_stages:
         raise DeviceError(
             f"devices lists {len(devices)} device(s) {devices} for {num_stages} stage(s); "
-            "give exactly one device per stage (a device may repeat)"
+            "give one device per stage (a device may repeat), or D devices where D divides the "
+            f"number of stages (stage s then runs on devices[s % D], as interleaved_1f1b wants)"
         )
     known = {_local_key(d.name) for d in tf.config.list_logical_devices()}
     for d in devices:
@@ -89,7 +92,12 @@ def _check_explicit(devices: Sequence[str], num_stages: int) -> list[str]:
     return devices
 
 
-def resolve(num_stages: int, devices: Sequence[str] | str | None = None) -> list[str]:
+def round_robin(devices: Sequence[str], num_stages: int) -> list[str]:
+    """Stage s on ``devices[s % D]``: each device holds ``num_stages / D`` non-adjacent stages (virtual stages)."""
+    return [devices[s % len(devices)] for s in range(num_stages)]
+
+
+def resolve(num_stages: int, devices: Sequence[str] | str | None = None, virtual_stages: int = 1) -> list[str]:
     """Chooses one device per stage.
 
     Args:
@@ -97,7 +105,10 @@ def resolve(num_stages: int, devices: Sequence[str] | str | None = None) -> list
         devices: ``None``/``"auto"`` picks GPUs when there are at least K, else
             the CPU fallback when there are none; ``"cpu"`` forces the CPU
             fallback; a list gives one device string per stage (it may repeat
-            a device, or name devices of other cluster tasks).
+            a device, or name devices of other cluster tasks), or D devices
+            for K stages (D divides K): stage s runs on ``devices[s % D]``.
+        virtual_stages: V, stages per device for ``"auto"``/``"cpu"``/``"gpu"``: K/V
+            devices are picked and stage s runs on device ``s % (K/V)``.
 
     Returns:
         K device names.
@@ -107,6 +118,12 @@ def resolve(num_stages: int, devices: Sequence[str] | str | None = None) -> list
     """
     if devices is not None and not isinstance(devices, str):
         return _check_explicit(devices, num_stages)
+    if virtual_stages != 1:
+        if not isinstance(virtual_stages, int) or virtual_stages < 1 or num_stages % virtual_stages:
+            raise DeviceError(
+                f"virtual_stages={virtual_stages!r} does not divide the {num_stages} stage(s); use a "
+                f"divisor of {num_stages} (each device then holds that many stages)")
+        return round_robin(resolve(num_stages // virtual_stages, devices), num_stages)
     mode = (devices or "auto").lower()
     if mode not in ("auto", "cpu", "gpu"):
         raise DeviceError(

@@ -2,8 +2,9 @@
 
 The actions are built in ``schedule.execution_order`` (every dependency before
 its user). Inside a ``tf.function`` each action's ops carry a control
-dependency on the previous action of the same device, so every device follows
-its row of the schedule while different devices overlap::
+dependency on the previous action of the same device (stages sharing a device
+share one chain), so every device follows its row of the schedule while
+different devices overlap::
 
     device 0:  0F0 -> 0F1 -> 0B0 -> 0B1          ("->": control dependency)
                  \\      \\     ^      ^
@@ -63,25 +64,30 @@ class Executor:
         self.num_microbatches = mb_lib.check_count(num_microbatches)
         self.generator = schedule if callable(schedule) else sched.get(schedule)
         self.schedule_name = schedule if isinstance(schedule, str) else getattr(schedule, "__name__", "custom")
-        self.train_schedule = self.generator(len(self.stages), self.num_microbatches)
+        self.num_devices = shared_devices(self.stages)
+        """D when the stages sit round-robin on D < K devices (virtual stages), else ``None``."""
+        self.train_schedule = generate(self.generator, len(self.stages), self.num_microbatches, self.num_devices)
         sched.validate(self.train_schedule, self.num_microbatches)
-        self.split_backward = [any(a.op is sched.W for a in row) for row in self.train_schedule]
+        split = {a.stage for row in self.train_schedule for a in row if a.op is sched.W}
+        self.split_backward = [s in split for s in range(len(self.stages))]
         """Per stage: whether its backward is split into B (input gradient) and W (weight gradient)."""
         self.infer_schedule = sched.forward_only(len(self.stages), self.num_microbatches)
         self.action_hook: ActionHook | None = None
 
     def run_actions(self, schedule: sched.Schedule, step: Callable[[sched.Action], list[tf.Tensor]]) -> None:
         """Builds (or, eagerly, runs) the actions, chaining each device's actions."""
-        last: list[list[tf.Tensor]] = [[] for _ in self.stages]
+        last: dict[str, list[tf.Tensor]] = {}  # per device: what its latest action produced
         for action in sched.execution_order(schedule):
             if self.action_hook is not None:
                 self.action_hook(action)
-            deps = last[action.stage]
+            device = self.stages[action.stage].device
+            deps = last.get(device, [])
             ctx = tf.control_dependencies(deps) if deps else contextlib.nullcontext()
             with ctx, tf.name_scope(f"act{action}"):  # ops named act1F0/...: readable in profiles
                 produced = step(action)
-            last[action.stage] = [t for t in produced if t is not None] or deps
+            last[device] = [t for t in produced if t is not None] or deps
 
+    @tf.autograph.experimental.do_not_convert  # plain Python building ops: AutoGraph would only slow it
     def train(self, x: Any, loss_fn: LossFn, training: bool = True, regularize: bool = True) -> StepResult:
         """One mini-batch of forward and backward over all micro-batches.
 
@@ -98,8 +104,9 @@ class Executor:
         """
         num_stages, m = len(self.stages), self.num_microbatches
         xs = mb_lib.split(x, m)
-        for stage in self.stages:
+        for stage, split in zip(self.stages, self.split_backward):
             stage.reset()
+            stage.split_backward = split
         outputs: dict[tuple[int, int], Any] = {}
         input_grads: dict[tuple[int, int], Any] = {}
 
@@ -112,16 +119,16 @@ class Executor:
                                   loss_fn=loss_fn if stage.is_last else None)
                 outputs[(s, j)] = y
                 return tf.nest.flatten(y)
-            upstream = None if stage.is_last else input_grads.pop((s + 1, j))
-            if action.op is sched.B and not self.split_backward[s]:
-                g = stage.backward(j, upstream)
-                produced = list(g or []) + [a for a in stage.gradients() if a is not None]
-            elif action.op is sched.B:
-                g = stage.backward_input(j, upstream)
-                produced = list(g or [])
-            else:
+            if action.op is sched.W:
                 stage.backward_weight(j)
                 return [a for a in stage.gradients() if a is not None]
+            upstream = None if stage.is_last else input_grads.pop((s + 1, j))
+            if not self.split_backward[s]:
+                g = stage.backward(j, upstream)
+                produced = list(g or []) + [a for a in stage.gradients() if a is not None]
+            else:
+                g = stage.backward_input(j, upstream)
+                produced = list(g or [])
             if g is not None:
                 input_grads[(s, j)] = g
             return produced
@@ -147,6 +154,7 @@ class Executor:
             gradients=[stage.gradients() for stage in self.stages],
         )
 
+    @tf.autograph.experimental.do_not_convert  # plain Python building ops: AutoGraph would only slow it
     def infer(self, x: Any) -> Any:
         """Forward only, micro-batch by micro-batch; returns the merged outputs."""
         num_stages, m = len(self.stages), self.num_microbatches
@@ -163,4 +171,26 @@ class Executor:
         self.run_actions(self.infer_schedule, step)
         with tf.device(self.stages[-1].device):
             return mb_lib.merge([outputs.pop((num_stages - 1, j)) for j in range(m)])
+
+
+def shared_devices(stages: Sequence[Stage]) -> int | None:
+    """D when stage s runs on the (s % D)-th of D < K distinct devices (interleaved placement), else ``None``."""
+    devices = [stage.device for stage in stages]
+    distinct = list(dict.fromkeys(devices))
+    d = len(distinct)
+    if d < len(devices) and len(devices) % d == 0 and all(dev == distinct[s % d] for s, dev in enumerate(devices)):
+        return d
+    return None
+
+
+def generate(generator: Callable[..., sched.Schedule], num_stages: int, num_microbatches: int,
+             num_devices: int | None) -> sched.Schedule:
+    """The training schedule: with ``num_devices`` for schedules that place several stages per device row.
+
+    Schedules with one row per stage (gpipe, 1f1b, zb_h1) still run on shared devices: the
+    executor chains the actions of all stages of a device in execution order.
+    """
+    if num_devices is not None and generator is sched.GENERATORS.get("interleaved_1f1b"):
+        return generator(num_stages, num_microbatches, num_devices)
+    return generator(num_stages, num_microbatches)
 

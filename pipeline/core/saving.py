@@ -81,6 +81,7 @@ def pipeline_config(model: Any) -> dict[str, Any]:
         "recompute": [stage.recompute for stage in model.pipeline_stages],
         "batchnorm": model.batchnorm_control.mode,
         "check_numerics": model.check_numerics,
+        "virtual_stages": getattr(model, "virtual_stages", 1),
     }
     if model.gradient_reducer is not None:
         warnings.warn(

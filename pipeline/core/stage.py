@@ -19,6 +19,7 @@ from pipeline.core import _compat
 from pipeline.core import microbatch as mb_lib
 from pipeline.core import numerics
 from pipeline.core import recompute as recompute_lib
+from pipeline.core import traced
 
 LossFn = Callable[[int, Any], tf.Tensor]
 """``loss_fn(microbatch, y_pred) -> scalar``: the last stage's loss for one micro-batch."""
@@ -72,6 +73,12 @@ class Stage:
         n_j / B (:func:`scaled_call_losses`); ``None``: the micro-batch is the whole batch."""
         self.infer_losses: list[tf.Tensor] | None = None
         """When a list, forward-only calls append their scaled call-time losses to it (evaluate)."""
+        self.split_backward = False
+        """Set by the executor when the schedule splits this stage's backward into B and W
+        (zero-bubble): the tape is then kept for the second gradient call."""
+        self.traced_calls = traced.TracedCalls(layer, device)
+        self.accumulator = traced.Accumulator()
+        """The layer call traced once per stage and called per micro-batch (:mod:`pipeline.core.traced`)."""
 
     def __repr__(self) -> str:
         return f"Stage({self.index}, {self.layer.name!r}, device={self.device!r})"
@@ -147,19 +154,18 @@ class Stage:
         """
         with tf.device(self.device):
             if not record:
-                y = self.layer(x, training=training)
+                y, extra = self.traced_calls.get(x, training, recompute=False)(x)
                 if self.infer_losses is not None:
-                    self.infer_losses.extend(scaled_call_losses(self.layer, x, self.batch_total))
+                    self.infer_losses.extend(_scaled(extra, x, self.batch_total))
                 return y
             inputs = [] if self.is_first else [t for t in tf.nest.flatten(x)]
-            with tf.GradientTape() as tape:
+            with tf.GradientTape(persistent=self.split_backward) as tape:
                 tape.watch([t for t in inputs if t.dtype.is_floating])  # int ids, bool masks: no gradient
-                if self.recompute:
-                    y = recompute_lib.call(self.layer, x, training=training)
-                else:
-                    y = self.layer(x, training=training)
+                # a split backward differentiates twice: inlined, each half keeps only the ops it needs
+                call = self.traced_calls.get(x, training, self.recompute, inline=self.split_backward)
+                y, extra = call(x)
                 scalars = [loss_fn(microbatch, y)] if loss_fn is not None else []
-                scalars.extend(scaled_call_losses(self.layer, x, self.batch_total))
+                scalars.extend(_scaled(extra, x, self.batch_total))
                 targets = (scalars if loss_fn is not None else list(tf.nest.flatten(y)) + scalars)
             if self.numerics:  # outside the tape: the checks are no part of any backward
                 flat = tf.nest.flatten(y)
@@ -234,11 +240,7 @@ class Stage:
 
     def accumulate(self, grads: list[Any]) -> None:
         """Adds ``grads`` (one per trainable variable, ``None`` to skip) to :attr:`grad_sums` in float32."""
-        for i, g in enumerate(grads):
-            if g is None:
-                continue
-            g = tf.cast(tf.convert_to_tensor(g), tf.float32)
-            self.grad_sums[i] = g if self.grad_sums[i] is None else self.grad_sums[i] + g
+        self.grad_sums = self.accumulator(self.grad_sums, grads)
 
     def _check_grads(self, microbatch: int, grads: list[Any], num_inputs: int, variables: list[Any]) -> list[Any]:
         """``grads`` (input gradients, then weight gradients) through the ``check_numerics`` checks, if on."""
@@ -267,13 +269,14 @@ def scaled_call_losses(layer: keras.layers.Layer, x: Any, total: tf.Tensor | int
     Returns:
         ``[]`` without call-time losses, else one float32 scalar.
     """
-    extra = _compat.call_losses(layer)
-    if not extra:
-        return []
-    value = tf.add_n([tf.cast(t, tf.float32) for t in extra])
-    if total is None:
-        return [value]
-    return [value * mb_lib.share(mb_lib.batch_size(x), total)]
+    return _scaled(traced.plain_call_losses(layer), x, total)
+
+
+def _scaled(extra: list[tf.Tensor], x: Any, total: tf.Tensor | int | None) -> list[tf.Tensor]:
+    """``extra`` (0 or 1 summed call-time loss of micro-batch ``x``) times n_j / B (unchanged when B is unknown)."""
+    if not extra or total is None:
+        return list(extra)
+    return [extra[0] * mb_lib.share(mb_lib.batch_size(x), total)]
 
 
 def _output_gradients(saved: _Saved, grad: Any, scale: tf.Tensor | None = None) -> list[tf.Tensor] | None:
