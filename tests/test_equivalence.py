@@ -28,6 +28,31 @@ def test_gradients_equal_unsplit(kind, schedule, k, m):
     assert abs(report.loss_pipelined - report.loss_unsplit) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["cnn", "residual"])
+@pytest.mark.parametrize("k,m", [(2, 1), (2, 4), (3, 3), (4, 8)])
+def test_zero_bubble_gradients_equal_unsplit(kind, k, m):
+    """ZB-H1 splits each backward into the input-gradient B and the weight-gradient W: same sums."""
+    _, stages = split_model(kind, k)
+    x, y = data(kind, n=16)
+    report = pipeline.verify(stages, x, y, loss(), microbatches=m, schedule="zb_h1")
+    assert report.ok, str(report)
+    assert abs(report.loss_pipelined - report.loss_unsplit) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["cnn", "residual"])
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_interleaved_gradients_equal_unsplit_with_two_stages_per_device(kind, m):
+    """4 stages on 2 devices (stage s on device s % 2), Megatron's interleaved order."""
+    _, stages = split_model(kind, 4)
+    x, y = data(kind, n=16)
+    model = pipeline.PipelineModel(stages, devices=["/CPU:0", "/CPU:1"], microbatches=m,
+                                   schedule="interleaved_1f1b")
+    assert [s.device for s in model.stages] == ["/CPU:0", "/CPU:1", "/CPU:0", "/CPU:1"]
+    assert len(model.executor.train_schedule) == 2  # one row per device
+    report = pipeline.verify(model, x, y, loss())
+    assert report.ok, str(report)
+
+
 def test_verify_with_a_string_loss_uses_the_mean():
     """keras.losses.get('mse') returns per-sample values; micro-batch and unsplit losses are their mean."""
     _, stages = split_model("residual", 2)
@@ -73,13 +98,15 @@ def _fit(model, x, y, steps, batch):
 
 @pytest.mark.parametrize("kind,k,m,schedule", [
     ("cnn", 2, 4, "1f1b"), ("cnn", 3, 2, "gpipe"), ("residual", 4, 8, "1f1b"), ("residual", 2, 3, "gpipe"),
+    ("cnn", 3, 4, "zb_h1"), ("residual", 4, 4, "interleaved_1f1b"),
 ])
 def test_fit_matches_unsplit_fit(kind, k, m, schedule):
     model, stages = split_model(kind, k)
     reference = keras.models.clone_model(model)
     reference.set_weights(model.get_weights())
     x, y = data(kind, n=5 * 24, seed=1)
-    piped = pipeline.PipelineModel(stages, microbatches=m, schedule=schedule)
+    devices = ["/CPU:0", "/CPU:1"] if schedule == "interleaved_1f1b" else None  # 2 stages per device
+    piped = pipeline.PipelineModel(stages, devices=devices, microbatches=m, schedule=schedule)
     h_pipe = _fit(piped, x, y, steps=5, batch=24)
     h_ref = _fit(reference, x, y, steps=5, batch=24)
     for got, want in zip(model.get_weights(), reference.get_weights()):

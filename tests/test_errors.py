@@ -51,8 +51,18 @@ def test_more_stages_than_cpu_devices_after_tf_started():
 
 
 def test_explicit_devices_wrong_count():
-    with pytest.raises(devices.DeviceError, match=r"devices lists 1 device\(s\) \['/CPU:0'\] for 2 stage\(s\)"):
-        pipeline.PipelineModel(two_stages(), devices=["/CPU:0"])
+    with pytest.raises(devices.DeviceError, match=r"devices lists 3 device\(s\) .* for 2 stage\(s\).*D divides"):
+        pipeline.PipelineModel(two_stages(), devices=["/CPU:0", "/CPU:1", "/CPU:2"])
+
+
+def test_fewer_devices_than_stages_are_used_round_robin():
+    """D devices for K stages (D divides K): stage s on devices[s % D] (virtual stages)."""
+    model = pipeline.PipelineModel(two_stages() + two_stages(), devices=["/CPU:0", "/CPU:1"])
+    assert [s.device for s in model.stages] == ["/CPU:0", "/CPU:1", "/CPU:0", "/CPU:1"]
+    auto = pipeline.PipelineModel(two_stages() + two_stages(), virtual_stages=2)
+    assert [s.device for s in auto.stages][2:] == [s.device for s in auto.stages][:2]
+    with pytest.raises(devices.DeviceError, match=r"virtual_stages=3 does not divide the 4 stage\(s\)"):
+        pipeline.PipelineModel(two_stages() + two_stages(), virtual_stages=3)
 
 
 def test_explicit_unknown_device():

@@ -161,20 +161,27 @@ def microbatch_loss(loss: Callable[..., Any], y: Any, sample_weight: Any, num_mi
     ys, weights = split(y, num_microbatches), split(sample_weight, num_microbatches)
     whole = sample_weight if batch_sample_weight is None else batch_sample_weight
 
-    def combine(j: int, y_pred: Any, term: Term) -> tf.Tensor:
+    def combine(weight: Any, y_pred: Any, term: Term) -> tf.Tensor:
         rule = check_reduction(term.reduction)
         if rule == "sum":
             return tf.reduce_sum(tf.cast(term.value, tf.float32))
         value = tf.reduce_mean(tf.cast(term.value, tf.float32))
         if rule == "weight_share" and whole is not None:
-            part = tf.reduce_sum(tf.cast(_resolve(term.path, weights[j]), tf.float32))
+            part = tf.reduce_sum(tf.cast(_resolve(term.path, weight), tf.float32))
             return value * tf.math.divide_no_nan(part, tf.reduce_sum(tf.cast(_resolve(term.path, whole), tf.float32)))
         return value * share(tf.shape(tf.nest.flatten(y_pred)[0])[0], total)
 
-    def loss_fn(j: int, y_pred: Any) -> tf.Tensor:
-        value = loss(ys[j], y_pred) if weights[j] is None else loss(ys[j], y_pred, weights[j])
+    def compute(y_true: Any, y_pred: Any, weight: Any) -> tf.Tensor:
+        value = loss(y_true, y_pred) if weight is None else loss(y_true, y_pred, weight)
         terms = value if isinstance(value, list) else [Term(value, reduction)]
-        return tf.add_n([combine(j, y_pred, term) for term in terms])
+        return tf.add_n([combine(weight, y_pred, term) for term in terms])
+
+    # Inside a graph the loss is traced once and called per micro-batch (not traced M times).
+    traced = tf.function(compute, autograph=False, reduce_retracing=True)
+
+    def loss_fn(j: int, y_pred: Any) -> tf.Tensor:
+        run = compute if tf.executing_eagerly() else traced
+        return run(ys[j], y_pred, weights[j])
 
     return loss_fn
 

@@ -20,7 +20,8 @@ call patched by :mod:`pipeline.core.batchnorm`'s ``deferred`` mode or by
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import keras
 import tensorflow as tf
@@ -58,6 +59,20 @@ def open_batch_spec(x: Any) -> Any:
     return tf.nest.map_structure(spec, x)
 
 
+_INLINE_ALL = [False]
+
+
+@contextlib.contextmanager
+def inlined() -> Iterator[None]:
+    """Within the block, functions traced here are inlined into the step graph (their ops keep the
+    executor's ``act<stage><op><j>/`` name scopes: profilers can attribute every op to its action)."""
+    _INLINE_ALL.append(True)
+    try:
+        yield
+    finally:
+        _INLINE_ALL.pop()
+
+
 class TracedCalls:
     """The traced functions of one stage, one per ``(training, recompute, input signature)``.
 
@@ -88,6 +103,7 @@ class TracedCalls:
         if tf.executing_eagerly() or has_patched_calls(self.layer):
             return lambda inp: plain_call(self.layer, inp, training, recompute)
         spec = open_batch_spec(x)
+        inline = inline or _INLINE_ALL[-1]
         key = (bool(training), bool(recompute), bool(inline), repr(spec))
         function = self.functions.get(key)
         if function is None:

@@ -1,9 +1,10 @@
 """Cost-weighted dry run of a schedule: makespan, idle time, bubble, in-flight peak, deadlocks, Gantt chart.
 
-Pure Python (no TensorFlow). Each device runs its row of the schedule in order;
-an action starts when its device is free and the actions it depends on (on the
-neighbouring stages, see :func:`pipeline.schedule.dependencies`) have finished,
-plus an optional transfer time. With uniform costs ``f`` and ``b`` this gives
+Pure Python (no TensorFlow). Each device runs its row of the schedule in order, with one
+clock per device (a device running several stages runs their actions one at a time); an
+action starts when its device is free and the actions it depends on (on the neighbouring
+stages, see :func:`pipeline.core.schedule.dependencies`) have finished, plus an optional
+transfer time when they ran on another device. With uniform costs ``f`` and ``b`` this gives
 GPipe's makespan ``(M+K-1)(f+b)`` and bubble ``(K-1)/(M+K-1)``::
 
     K=2, M=4, f=1, b=2 (GPipe): makespan (4+2-1)*3 = 15, bubble 1/5
@@ -58,6 +59,13 @@ class Interval:
     action: sched.Action
     start: float
     end: float
+    device: int | None = None
+    """The row (device) it ran on; ``None`` means the row of its stage's index (one stage per device)."""
+
+    @property
+    def row(self) -> int:
+        """``device``, or the action's stage when ``device`` is None."""
+        return self.action.stage if self.device is None else self.device
 
     @property
     def duration(self) -> float:
@@ -78,11 +86,19 @@ class Simulation:
     busy: list[float]
     """Per device, time spent running actions."""
     peak_in_flight: list[int]
-    """Per stage, the most micro-batches whose activations were alive at once."""
+    """Per device, the most (stage, micro-batch) activations alive at once
+    (:func:`pipeline.core.schedule.peak_in_flight`)."""
     blocked: list[sched.Action] = dataclasses.field(default_factory=list)
     """On deadlock, the actions that could never start (empty otherwise)."""
     deadlock: str = ""
     """On deadlock, a message naming what each blocked action waits for."""
+    stage_rows: list[int] = dataclasses.field(default_factory=list)
+    """Per stage, the device that runs it (empty: stage ``i`` on device ``i``)."""
+
+    @property
+    def num_devices(self) -> int:
+        """D, the number of devices (rows); equals ``num_stages`` with one stage per device."""
+        return len(self.busy)
 
     @property
     def idle(self) -> list[float]:
@@ -91,10 +107,10 @@ class Simulation:
 
     @property
     def bubble(self) -> float:
-        """Fraction of device-time idle: ``sum(idle) / (K * makespan)``."""
+        """Fraction of device-time idle: ``sum(idle) / (D * makespan)`` over the D devices."""
         if self.makespan <= 0:
             return 0.0
-        return sum(self.idle) / (self.num_stages * self.makespan)
+        return sum(self.idle) / (self.num_devices * self.makespan)
 
     @property
     def ok(self) -> bool:
@@ -109,6 +125,7 @@ class Simulation:
             "idle": self.idle,
             "busy": self.busy,
             "peak_in_flight": self.peak_in_flight,
+            "stage_rows": self.stage_rows or list(range(self.num_devices)),
             "deadlock": self.deadlock or None,
         }
 
@@ -133,6 +150,8 @@ def _as_cost(value: CostLike, stage: int) -> StageCost:
 def cost_function(costs: Costs, schedule: sched.Schedule) -> Callable[[sched.Action], float]:
     """Turns per-stage costs (or a callable) into ``cost(action) -> duration``.
 
+    Costs are per stage (``action.stage``), whatever device runs it.
+
     Raises:
         SettingError: if the number of stage costs differs from the number of stages,
             or a cost is negative.
@@ -140,15 +159,16 @@ def cost_function(costs: Costs, schedule: sched.Schedule) -> Callable[[sched.Act
     if callable(costs):
         return costs
     stage_costs = [_as_cost(c, i) for i, c in enumerate(costs)]
-    if len(stage_costs) != len(schedule):
+    num_stages = sched.num_stages(schedule)
+    if len(stage_costs) != num_stages:
         raise SettingError(
-            f"got costs for {len(stage_costs)} stage(s) but the schedule has {len(schedule)}; "
+            f"got costs for {len(stage_costs)} stage(s) but the schedule has {num_stages}; "
             "give one (forward, backward) pair per stage"
         )
     for i, c in enumerate(stage_costs):
         if min(c.forward, c.backward, c.weight or 0.0) < 0:
             raise SettingError(f"cost of stage {i} is negative: {c}")
-    split = [any(a.op is sched.W for a in row) for row in schedule]
+    split = sched.split_stages(schedule)
     return lambda a: stage_costs[a.stage].of(a.op, split[a.stage])
 
 
@@ -156,33 +176,38 @@ def simulate(schedule: sched.Schedule, costs: Costs, transfer: float = 0.0) -> S
     """Runs the schedule on paper with the given costs.
 
     Args:
-        schedule: one row of actions per stage (``pipeline.schedule`` generators).
+        schedule: one row of actions per device (:mod:`pipeline.core.schedule` generators).
         costs: one ``StageCost`` / ``(forward, backward[, weight])`` / mapping per
             stage, or a callable ``cost(action) -> duration``.
         transfer: time added between an action and a dependent action on another
-            stage (the activation or gradient copy).
+            device (the activation or gradient copy; none between stages of one device).
 
     Returns:
-        A :class:`Simulation`. A deadlock does not raise: ``blocked`` and
-        ``deadlock`` say which actions never ran and what they wait for.
+        A :class:`Simulation`, with busy/idle time per device. A deadlock does not raise:
+        ``blocked`` and ``deadlock`` say which actions never ran and what they wait for.
+
+    Raises:
+        ScheduleError: if a stage's actions are on two devices.
     """
     cost = cost_function(costs, schedule)
-    num_stages = len(schedule)
+    rows = sched.stage_rows(schedule)
+    num_stages = len(rows)
     m = 1 + max((a.microbatch for row in schedule for a in row), default=-1)
     end: dict[sched.Action, float] = {}
-    free = [0.0] * num_stages
-    busy = [0.0] * num_stages
+    free = [0.0] * len(schedule)
+    busy = [0.0] * len(schedule)
     timeline: list[Interval] = []
     order, blocked = sched.walk(schedule)
     for action in order:
-        s = action.stage
-        start = max([free[s]] + [end[d] + transfer for d in sched.dependencies(action, num_stages)])
+        r = rows[action.stage]
+        start = max([free[r]] + [end[d] + (transfer if rows[d.stage] != r else 0.0)
+                                 for d in sched.dependencies(action, num_stages)])
         duration = float(cost(action))
-        end[action] = free[s] = start + duration
-        busy[s] += duration
-        timeline.append(Interval(action, start, start + duration))
+        end[action] = free[r] = start + duration
+        busy[r] += duration
+        timeline.append(Interval(action, start, start + duration, r))
     message = sched.deadlock_message(schedule, order, blocked) if blocked else ""
-    timeline.sort(key=lambda iv: (iv.start, iv.action.stage))
+    timeline.sort(key=lambda iv: (iv.start, iv.row))
     return Simulation(
         num_stages=num_stages,
         num_microbatches=m,
@@ -192,6 +217,7 @@ def simulate(schedule: sched.Schedule, costs: Costs, transfer: float = 0.0) -> S
         peak_in_flight=sched.peak_in_flight(schedule),
         blocked=blocked,
         deadlock=message,
+        stage_rows=rows,
     )
 
 
@@ -205,25 +231,31 @@ def gpipe_bubble(num_stages: int, num_microbatches: int) -> float:
     return (num_stages - 1) / (num_microbatches + num_stages - 1)
 
 
-def ascii_gantt(timeline: Sequence[Interval], num_stages: int, width: int = 72) -> str:
+def ascii_gantt(timeline: Sequence[Interval], num_devices: int, width: int = 72) -> str:
     """A text Gantt chart: one row per device, each action drawn as its op letter.
 
     Each bar starts with its label (``F3``: forward of micro-batch 3; just the
     op letter where the bar is too narrow) and is filled with ``-``; idle is blank.
+    With several stages per device, the bars of a device's second, fourth, ... stage
+    (chunk 1, 3, ... of interleaved schedules) are lowercase and filled with ``=``.
     """
     span = max((iv.end for iv in timeline), default=0.0) or 1.0
+    placed = sorted({(iv.row, iv.action.stage) for iv in timeline})
+    chunk = {stage: [s for r, s in placed if r == row].index(stage) for row, stage in placed}
     rows = []
-    for s in range(num_stages):
+    for s in range(num_devices):
         cells = [" "] * width
         for iv in timeline:
-            if iv.action.stage != s:
+            if iv.row != s:
                 continue
             a = int(round(iv.start / span * width))
             b = max(a + 1, int(round(iv.end / span * width)))
-            label = f"{iv.action.op.value}{iv.action.microbatch}"
+            odd = chunk[iv.action.stage] % 2 == 1
+            label = f"{iv.action.op.value.lower() if odd else iv.action.op.value}{iv.action.microbatch}"
             if b - a < len(label):
-                label = iv.action.op.value
+                label = label[0]
+            fill = "=" if odd else "-"
             for k in range(a, min(b, width)):
-                cells[k] = label[k - a] if k - a < len(label) else "-"
+                cells[k] = label[k - a] if k - a < len(label) else fill
         rows.append(f"device {s}: |{''.join(cells)}|")
     return "\n".join(rows)
