@@ -16,6 +16,7 @@ import warnings
 from typing import Any
 
 from pipeline.core import runtime as _runtime
+from pipeline.perf import autoplan as _autoplan  # noqa: F401 - registers the "auto" resolver (pure Python)
 
 _PUBLIC = {
     "PipelineModel": ("pipeline.core.model", "PipelineModel"),

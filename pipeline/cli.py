@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "pipeline.commands.plan",     # pipeline plan
     "pipeline.commands.bench",    # pipeline bench
     "pipeline.commands.worker",   # pipeline worker
+    "pipeline.commands.resume_check",  # pipeline resume-check
 )
 """Each module defines ``register(subparsers)``, adding its sub-commands with ``func=`` defaults."""
 

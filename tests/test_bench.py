@@ -18,7 +18,8 @@ def test_quick_bench_structure(in_process):
     """Every section runs and reports what it claims to (figures that only restate a formula are not checked)."""
     cfg = dict(bench.QUICK, ms=[1, 8], mem_ms=[2, 4], batch=16, steps=1)
     lines = []
-    out = bench.run(cfg, log=lines.append)
+    # The build and overlap sections have their own tests below.
+    out = bench.run(cfg, log=lines.append, sections=tuple(s for s in bench.SECTIONS if s not in ("build", "overlap")))
     json.dumps(out)  # serializable
     assert set(out["overhead"]) == {"keras", "pipeline", "ratio"}
     rows = out["speedup"]["rows"]
@@ -30,9 +31,11 @@ def test_quick_bench_structure(in_process):
     # itself on some processors only: without TF_CPU_ALLOCATOR_USE_BFC=true (conftest) this was None on AMD.
     mem = out["memory"]["rows"]
     assert sorted((r["schedule"], r["recompute"], r["m"]) for r in mem) == sorted(
-        (s, rc, m) for s in ("gpipe", "1f1b") for rc in (False, True) for m in (2, 4))
+        [(s, rc, m) for s in ("gpipe", "1f1b") for rc in (False, True) for m in (2, 4)]
+        + [("zb_h1", False, m) for m in (2, 4)])  # interleaved_1f1b skipped: K=2 stages on 2 devices is 1f1b
+    assert "  interleaved_1f1b: skipped, K=2 stages on 2 devices run it as 1f1b" in " ".join(lines)
     assert all(isinstance(r["tf_peak_mb"], float) and r["tf_peak_mb"] > 0 for r in mem), mem
-    assert set(out["memory"]["growth"]) == {"gpipe", "gpipe +recompute", "1f1b", "1f1b +recompute"}
+    assert set(out["memory"]["growth"]) == {"gpipe", "gpipe +recompute", "1f1b", "1f1b +recompute", "zb_h1"}
     assert all(math.isfinite(g) for g in out["memory"]["growth"].values())  # NaN where a peak is missing
     # Gradients of the split CNN, each way, against one tape over the unsplit model (in the point's process).
     jac = out["jacobian"]
@@ -77,3 +80,92 @@ def test_unknown_section(capsys):
 
     assert cli.main(["bench", "--sections", "speed"]) == 2
     assert "unknown section(s) ['speed']" in capsys.readouterr().err
+
+
+def test_build_section_quick(in_process):
+    """First fit, peak RSS, steady step and traced ops per M, and the ratio lines the issue asks for."""
+    lines = []
+    out = bench.run(dict(bench.QUICK), log=lines.append, sections=("build",))
+    json.dumps(out)
+    rows = out["build"]["rows"]
+    assert [r["m"] for r in rows] == bench.QUICK["build_ms"]
+    for r in rows:
+        assert r["first"] > 0 and r["rss_mb"] > 0 and r["step"] > 0, r
+        assert r["ops"] > 0 and r["actions"] >= 2 * out["build"]["k"], r  # the hook saw the traced step graph
+    assert any(line.startswith("  first-step ratio M=4 / M=1:") for line in lines), lines
+    assert any(line.startswith("  peak RSS growth M=1 -> M=4:") for line in lines), lines
+    assert any(line.startswith("  steady step M=4 / M=1") for line in lines), lines
+
+
+def test_overlap_section_quick(in_process):
+    """The sweep reports % of ideal per point, and the worst point's profile attributes ops to both stages."""
+    lines = []
+    cfg = dict(bench.QUICK)
+    out = bench.run(cfg, log=lines.append, sections=("overlap",))
+    json.dumps(out)
+    rows = out["overlap"]["rows"]
+    assert sorted((r["width"], r["rows"]) for r in rows) == sorted(
+        (w, r) for w in cfg["overlap_widths"] for r in cfg["overlap_rows"])
+    assert all(r["of_ideal"] > 0 and r["ideal"] == pytest.approx(4 / 3) for r in rows)  # K=2, M=2
+    prof = out["overlap"]["profile"]["pipeline"]
+    for stage in ("0", "1"):  # ops of each stage's layers found, forward and backward
+        assert prof["categories"]["forward"].get(stage, 0) > 0 and prof["categories"]["backward"].get(stage, 0) > 0
+    assert sum(prof["categories"]["copy"].values()) > 0  # the cut activation and its gradient cross devices
+    unsplit = out["overlap"]["profile"]["unsplit"]
+    assert unsplit["categories"]["forward"].get("1", 0) > 0  # the unsplit model's second half, same names
+    assert sum(" of ideal " in line and "(runs: " in line for line in lines) == len(rows)  # one line per point
+    assert any(line.startswith("  | accumulate |") for line in lines), lines
+
+
+def test_micro_batched_baseline_is_the_batch_step():
+    """The overlap baseline (M micro-batches one after the other, one apply) trains like one whole-batch step."""
+    import keras
+    import numpy as np
+
+    from pipeline.perf import bench_overlap
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 6)).astype("float32")
+    y = rng.normal(size=(8, 3)).astype("float32")
+
+    def body():
+        keras.utils.set_random_seed(1)
+        return keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3)])
+
+    plain = body()
+    plain.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    plain.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+    micro = bench_overlap.micro_batched(body(), 4)
+    micro.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    micro.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+    for a, b in zip(plain.get_weights(), micro.body.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(plain.get_weights()[0], body().get_weights()[0])  # the step changed the weights
+
+
+def test_op_categories_of_real_op_names():
+    """Names as they appear in a profiled K=2 fit step (functions called by the executor lose the act scope)."""
+    from pipeline.perf import bench_overlap
+    from pipeline.perf.trace import op_category
+
+    pattern = bench_overlap.STAGE_OF_LAYER
+    cases = {("StatefulPartitionedCall/act1B3/add_2", "AddV2"): ("accumulate", 1),
+             ("gradients/sequential_1/s1_d0_1/MatMul_grad/MatMul", "MatMul"): ("backward", 1),
+             ("sequential/s0_d2_1/Relu", "_FusedMatMul"): ("forward", 0),
+             ("StatefulPartitionedCall/sgd/AssignSubVariableOp_3", "AssignSubVariableOp"): ("optimizer", None),
+             ("StatefulPartitionedCall/act0F1/StatefulPartitionedCall/_12", "_Send"): ("copy", 0),
+             ("StatefulPartitionedCall/act1F0/compile_loss/mse/Mean", "Mean"): ("loss", 1),
+             ("StatefulPartitionedCall/split", "SplitV"): ("other", None),
+             ("add_3", "AddV2"): ("accumulate", None),  # a traced gradient-sum function's ops lose the scope
+             ("StatefulPartitionedCall/Add_1", "AddV2"): ("other", None)}  # Keras' iteration counter
+    for (name, op_type), expected in cases.items():
+        assert op_category(name, op_type, pattern) == expected, (name, op_type)
+
+
+def test_bench_flags_are_checked(capsys):
+    from pipeline import cli
+
+    assert cli.main(["bench", "--sections", "build", "--build-k", "0"]) == 2
+    assert "--build-k: got 0" in capsys.readouterr().err
+    assert cli.main(["bench", "--sections", "overlap", "--resnet"]) == 2
+    assert "add build to --sections" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from pipeline.perf import trace
 from pipeline.core import schedule as sched
 from pipeline.perf import simulate as sim
 from pipeline.core.stage import Stage
+from pipeline.errors import SettingError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -22,18 +23,107 @@ def _costs(m):
     return [sim.StageCost(1.0 / m, 2.0 / m), sim.StageCost(1.0 / m, 2.0 / m)]
 
 
+def _half_costs(m):
+    """The same model as :func:`_costs` cut into 4 stages of half the cost."""
+    return [sim.StageCost(0.5 / m, 1.0 / m)] * 4
+
+
 def test_plan_table_matches_simulator_and_formula():
+    """K=2 on 2 devices, f=1, b=2 per device and step: gpipe/1f1b (M+K-1)(f+b); zb_h1 (B and W halves of 1 unit)
+    M(f+b) + (K-1)(f+b-2w) for M >= K; interleaved left out (it is 1f1b with one stage per device)."""
     rows = planner.plan_table(_costs, [1, 2, 8])
     assert [(r["schedule"], r["microbatches"]) for r in rows] == [
-        ("gpipe", 1), ("gpipe", 2), ("gpipe", 8), ("1f1b", 1), ("1f1b", 2), ("1f1b", 8)]
+        ("gpipe", 1), ("gpipe", 2), ("gpipe", 8), ("1f1b", 1), ("1f1b", 2), ("1f1b", 8),
+        ("zb_h1", 1), ("zb_h1", 2), ("zb_h1", 8)]
+    zb_step = {1: 5.0, 2: 3.5, 8: 3.125}  # M=1: F0 F0 B0 B0 W0 in a chain; M >= 2: 3 + 1/M
     for r in rows:
         k, m = 2, r["microbatches"]
-        assert r["step"] == pytest.approx((m + k - 1) * 3.0 / m)
-        assert r["bubble"] == pytest.approx(sim.gpipe_bubble(k, m))
-        assert r["speedup"] == pytest.approx(r["ideal"])  # costs scale exactly with 1/M
+        step = zb_step[m] if r["schedule"] == "zb_h1" else (m + k - 1) * 3.0 / m
+        assert (r["stages"], r["devices"]) == (2, 2)
+        assert r["step"] == pytest.approx(step)
+        assert r["bubble"] == pytest.approx(1 - 3.0 / step)  # each device busy 3 units
+        assert r["speedup"] == pytest.approx(6.0 / step)
+        assert r["speedup"] == pytest.approx(r["ideal"])  # balanced stages, costs scale exactly with 1/M
+        assert r["weight_assumed"] is (r["schedule"] == "zb_h1")
         assert r["deadlock"] is None
+        if r["schedule"] != "zb_h1":
+            assert r["ideal"] == pytest.approx(sim.ideal_speedup(k, m))
+            assert r["bubble"] == pytest.approx(sim.gpipe_bubble(k, m))
+        elif m > 1:
+            assert r["ideal"] > sim.ideal_speedup(k, m)  # 1F1B's formula is no bound for zb_h1
     assert rows[2]["peak_in_flight"] == [8, 8] and rows[5]["peak_in_flight"] == [2, 1]
-    assert "1f1b       8" in planner.format_table(rows)
+    assert rows[8]["peak_in_flight"] == [2, 2]  # alive until W: min(K, M) on every stage
+    names, notes = planner.schedules_for(2, None)
+    assert names == ["gpipe", "1f1b", "zb_h1"] and "interleaved_1f1b: left out, K=2 stages on 2 devices" in notes[0]
+    text = planner.format_table(rows, notes)
+    assert "1f1b       2/2   8     3.3750   11.1%     1.78   1.78  [2, 1]" in text
+    assert "zb_h1      2/2   8     3.1250    4.0%     1.92   1.92  [2, 2]" in text
+    assert planner.W_NOTE in text and planner.IDEAL_NOTE in text and notes[0] in text
+
+
+def test_plan_table_on_fewer_devices_than_stages_interleaves():
+    """4 stages of half the cost on D=2 devices: interleaved (V=2) idles (D-1)(f+b)/V, 1F1B's half; the other
+    schedules run 2 merged stages, i.e. the table of test_plan_table_matches_simulator_and_formula."""
+    rows = planner.plan_table(_half_costs, [1, 2, 4, 8], num_devices=2)
+    merged = planner.plan_table(_costs, [1, 2, 4, 8])
+    by = {(r["schedule"], r["microbatches"]): r for r in rows}
+    assert sorted({r["schedule"] for r in rows}) == ["1f1b", "gpipe", "interleaved_1f1b", "zb_h1"]
+    for r in merged:
+        same = by[(r["schedule"], r["microbatches"])]
+        keys = ("stages", "devices", "step", "bubble", "speedup", "ideal", "weight_assumed")
+        assert {k: same[k] for k in keys} == pytest.approx({k: r[k] for k in keys})
+        assert same["peak_in_flight"] == r["peak_in_flight"]
+    for m in (1, 2, 4, 8):
+        r = by[("interleaved_1f1b", m)]
+        step = 6.0 if m == 1 else 3.0 + 1.5 / m  # M(f+b) + (D-1)(f+b)/V per device for M >= D
+        assert (r["stages"], r["devices"]) == (4, 2)
+        assert r["step"] == pytest.approx(step) and r["speedup"] == pytest.approx(6.0 / step)
+        assert r["ideal"] == pytest.approx(r["speedup"]) and r["weight_assumed"] is False
+        if m > 1:
+            assert r["step"] < by[("1f1b", m)]["step"]
+    assert by[("interleaved_1f1b", 4)]["peak_in_flight"] == [5, 3]
+    assert planner.schedules_for(4, 2) == (["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"], [
+        "gpipe, 1f1b, zb_h1: one stage per device, so the model cut into 2 stages (2 consecutive stages' costs "
+        "summed per device)"])
+    assert planner.merge_stages([sim.StageCost(1, 2), sim.StageCost(3, 4, 1), sim.StageCost(5, 6)] * 2, 3) == [
+        sim.StageCost(4, 6, 2), sim.StageCost(6, 8, None), sim.StageCost(8, 10, 4)]  # W: known or half of B, or None
+    assert "interleaved_1f1b   4/2   8     3.1875" in planner.format_table(rows)
+
+
+def test_plan_table_uses_given_weight_costs_and_an_ideal_of_balanced_stages():
+    given = planner.plan_table(lambda m: [sim.StageCost(1.0 / m, 2.0 / m, 0.5 / m)] * 2, [4], ["zb-h1"])
+    # f=1, b'=1.5, w=0.5 per device at M=4 (x1/4): 3 + (K-1)(f+b'-w)/M = 3.5
+    assert [(r["schedule"], r["step"], r["weight_assumed"]) for r in given] == [("zb_h1", pytest.approx(3.5), False)]
+    assert planner.W_NOTE not in planner.format_table(given)
+    # Unbalanced stages (stage 1 twice stage 0): the ideal stays the balanced one, the speedup falls below it.
+    rows = planner.plan_table(lambda m: [sim.StageCost(1.0 / m, 1.0 / m), sim.StageCost(2.0 / m, 2.0 / m)],
+                              [4], ["gpipe", "zb_h1"])
+    gpipe, zb = rows
+    # Stage 1 (F and B of 0.5 each) runs 4.0 in a row, after stage 0's first F (0.25), before its last B (0.25).
+    assert gpipe["step"] == pytest.approx(4.5) and gpipe["speedup"] == pytest.approx(6.0 / 4.5)
+    assert gpipe["ideal"] == pytest.approx(sim.ideal_speedup(2, 4))
+    balanced = planner.plan_table(lambda m: [sim.StageCost(1.5 / m, 1.5 / m)] * 2, [4], ["zb_h1"])[0]
+    assert zb["ideal"] == pytest.approx(balanced["speedup"]) and zb["speedup"] < zb["ideal"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_devices": 3}, r"num_devices \(--devices\) is 3 for 4 stage\(s\); give a divisor"),
+    ({"num_devices": 8}, r"num_devices \(--devices\) is 8 for 4 stage\(s\)"),
+    ({"num_devices": 0}, r"num_devices must be an integer >= 1, got 0"),
+    ({"schedules": ["1f1b", "pipedream"]}, r"unknown schedule 'pipedream'; known schedules"),
+])
+def test_plan_table_rejects_bad_devices_and_schedules_before_simulating(kwargs, match):
+    calls = []
+
+    def costs_for(m):
+        calls.append(m)
+        return _half_costs(m)
+
+    with pytest.raises(SettingError, match=match):
+        planner.plan_table(costs_for, [1, 2], **kwargs)
+    assert calls == [1]  # only the stage count was read
+    with pytest.raises(SettingError, match="WEIGHT 3.0 exceeds BACKWARD 2.0"):
+        planner.parse_costs(["1,2,3"])
 
 
 def test_plan_table_adds_the_step_overhead_to_every_step():
@@ -73,7 +163,36 @@ def test_cli_with_costs_writes_png_and_json(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
     report = json.loads(out.read_text())
     assert report["predicted"]["makespan"] == pytest.approx(0.15)
-    assert len(report["rows"]) == 4
+    assert [(r["schedule"], r["microbatches"]) for r in report["rows"]] == [
+        ("gpipe", 1), ("gpipe", 4), ("1f1b", 1), ("1f1b", 4), ("zb_h1", 1), ("zb_h1", 4)]
+    assert "interleaved_1f1b: left out, K=2 stages on 2 devices is 1f1b" in text
+
+
+@pytest.mark.parametrize("alias, name, step", [("interleaved", "interleaved_1f1b", 0.27), ("ZB-H1", "zb_h1", 0.26)])
+def test_cli_accepts_schedule_aliases_and_fewer_devices(tmp_path, capsys, alias, name, step):
+    """4 stages of (0.01, 0.02) s on 2 devices at M=4: interleaved 4(f+b) + (D-1)(f+b)/V with f+b=0.06 per device;
+    zb_h1 on 2 merged stages (f=0.02, B and W halves of 0.02): 4(0.06) + (0.02+0.02-0.02)."""
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", "--costs", *["0.01,0.02"] * 4, "--devices", "2", "--microbatches", "4", "--ms", "4",
+                     "--schedule", alias, "--png", str(tmp_path / "g.png"), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["schedule"] == name and [r["schedule"] for r in report["rows"]] == list(sched.NAMES)
+    row = next(r for r in report["rows"] if r["schedule"] == name)
+    assert row["step"] == pytest.approx(step)
+    # The chosen plan is the table's row: interleaved places the 4 stages on 2 devices, zb_h1 runs 2 merged stages.
+    rows = [0, 1, 0, 1] if name == "interleaved_1f1b" else [0, 1]
+    assert report["predicted"]["makespan"] == pytest.approx(step) and report["predicted"]["stage_rows"] == rows
+    assert f"{name}, M=4: predicted step {step:.4f} s" in text
+    assert "gpipe, 1f1b, zb_h1: one stage per device, so the model cut into 2 stages" in text
+
+
+def test_cli_rejects_an_unknown_schedule_and_bad_devices(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--costs", "0.01,0.02", "0.01,0.02", "--schedule", "pipedream"])
+    assert "argument --schedule: unknown schedule 'pipedream'; known schedules: 1f1b, gpipe" in capsys.readouterr().err
+    assert cli.main(["plan", "--costs", *["0.01,0.02"] * 3, "--devices", "2", "--png", str(tmp_path / "g.png")]) == 2
+    assert "num_devices (--devices) is 2 for 3 stage(s); give a divisor" in capsys.readouterr().err
 
 
 def test_cli_needs_config_or_costs(capsys):
@@ -208,7 +327,7 @@ def test_cli_with_a_config_measures_overhead_costs_and_a_real_timeline(tmp_path,
     assert report["costs"] == [vars(c) for c in measured[(16, True)]]
     assert report["schedule"] == "1f1b" and report["microbatches"] == 2  # the config's schedule, --microbatches
     assert sorted((r["schedule"], r["microbatches"]) for r in report["rows"]) == [
-        ("1f1b", 1), ("1f1b", 2), ("gpipe", 1), ("gpipe", 2)]
+        ("1f1b", 1), ("1f1b", 2), ("gpipe", 1), ("gpipe", 2), ("zb_h1", 1), ("zb_h1", 2)]  # 2 stages, 2 devices
     assert sorted(a for a, _, _ in report["measured"]["timeline"]) == sorted(
         str(a) for row in sched.one_f_one_b(2, 2) for a in row)
     assert png.read_bytes()[:4] == b"\x89PNG"

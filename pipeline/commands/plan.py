@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.core import schedule as sched
 from pipeline.errors import SettingError
-from pipeline.perf import measure, planner, plot, trace
+from pipeline.perf import autoplan, measure, planner, plot, trace
 from pipeline.perf import simulate as sim
 from pipeline.train import runner
 from pipeline.train.config import load_config
@@ -19,6 +19,9 @@ def _from_config(args: argparse.Namespace) -> dict[str, Any]:
     
     cfg = load_config(args.config, args.set)
     built = runner.build(cfg, tempfile.mkdtemp(prefix="pipeline-plan-"))
+    if getattr(built.pipeline, "auto_choice", None) is not None:  # schedule/microbatches/recompute: auto
+        print("auto: every candidate, best first (stage costs measured once; pipeline.perf.autoplan)\n"
+              + autoplan.format_table(built.pipeline.auto_choice) + "\n" + built.pipeline.auto_choice.summary() + "\n")
     import tensorflow as tf
 
     from pipeline.core import microbatch as mb_lib
@@ -46,9 +49,11 @@ def _from_config(args: argparse.Namespace) -> dict[str, Any]:
               "(optimizer, loss, metrics, Keras); added to every predicted step")
 
     loss = built.pipeline.loss if not isinstance(built.pipeline.loss, str) else tf.keras.losses.get(cfg.loss)
+    devices = len({stage.device for stage in stages})  # several stages per device: interleaved placement
     return {"stages": stages, "x": x, "y": y, "loss": loss, "ms": ms, "costs_for": costs_for,
-            "microbatches": args.microbatches or cfg.pipeline.microbatches,
-            "schedule": args.schedule or cfg.pipeline.schedule, "overhead": overhead}
+            "microbatches": args.microbatches or built.pipeline.microbatches,  # resolved when "auto"
+            "schedule": args.schedule or built.pipeline.executor.schedule_name, "overhead": overhead,
+            "devices": devices if devices < len(stages) else None}
 
 
 def plan_command(args: argparse.Namespace) -> int:
@@ -58,26 +63,38 @@ def plan_command(args: argparse.Namespace) -> int:
     elif args.costs:
         costs = planner.parse_costs(args.costs)
         m0 = args.microbatches or 1
+        fewer = args.devices is not None and args.devices < len(costs)  # default: interleave on fewer devices
         ctx = {"costs_for": planner.scaled_costs(costs, m0), "ms": list(args.ms), "microbatches": m0,
-               "schedule": args.schedule or "1f1b", "stages": None, "overhead": args.overhead or 0.0}
+               "schedule": args.schedule or ("interleaved_1f1b" if fewer else "1f1b"), "stages": None,
+               "overhead": args.overhead or 0.0}
         if args.measure:
             raise SettingError("--measure needs a CONFIG (a model to run), e.g. pipeline plan configs/digits_cnn.yaml "
                                "--measure")
     else:
         raise SettingError("give a CONFIG (e.g. configs/digits_cnn.yaml) or --costs F,B per stage")
-    m, name = ctx["microbatches"], ctx["schedule"]
+    m, name = ctx["microbatches"], sched.canonical_name(ctx["schedule"])
     ms = sorted(set(ctx["ms"]) | {m})
     overhead = ctx["overhead"]
-    rows = planner.plan_table(ctx["costs_for"], ms, planner.SCHEDULES, transfer=args.transfer, overhead=overhead)
     costs = list(ctx["costs_for"](m))
+    devices = args.devices or ctx.get("devices")  # None: one device per stage
+    names, notes = planner.schedules_for(len(costs), devices)  # bad --devices: an error before any simulation
+    layout, plan_costs = planner.placed(name, costs, m, devices)
+    if len(plan_costs) < len(costs) and args.measure:
+        raise SettingError(f"--measure runs the {len(costs)} stages as they are, but --schedule {name} on {devices} "
+                           f"devices predicts them cut into {len(plan_costs)} stages; measure with --schedule "
+                           "interleaved_1f1b, or give as many devices as stages")
+    rows = planner.plan_table(ctx["costs_for"], ms, names, transfer=args.transfer, overhead=overhead,
+                              num_devices=devices)
     print("stage costs per micro-batch at M=%d (s): " % m
-          + ", ".join(f"[{i}] F {c.forward:.5f} B {c.backward:.5f}" for i, c in enumerate(costs)))
-    print(planner.format_table(rows))
-    predicted = sim.simulate(sched.get(name)(len(costs), m), costs, transfer=args.transfer)
+          + ", ".join(f"[{i}] F {c.forward:.5f} B {c.backward:.5f}" + ("" if c.weight is None else f" W {c.weight:.5f}")
+                      for i, c in enumerate(costs)))
+    print(planner.format_table(rows, notes))
+    predicted = sim.simulate(layout, plan_costs, transfer=args.transfer)
+    lanes = len(costs) if args.measure else predicted.num_devices  # measured timelines have a row per stage
     step = predicted.makespan + overhead
     print(f"\n{name}, M={m}: predicted step {step:.4f} s (stage actions {predicted.makespan:.4f} s + overhead "
           f"{overhead:.4f} s), bubble {predicted.bubble:.1%}")
-    print(sim.ascii_gantt(predicted.timeline, len(costs)))
+    print(sim.ascii_gantt(predicted.timeline, predicted.num_devices))
     panels = [(f"predicted\n{predicted.makespan:.3f} s", predicted.timeline)]
     report: dict[str, Any] = {"schedule": name, "microbatches": m, "rows": rows, "overhead": overhead,
                               "costs": [vars(c) for c in costs], "predicted": predicted.summary()}
@@ -97,7 +114,8 @@ def plan_command(args: argparse.Namespace) -> int:
         report["measured"] = {"step": elapsed, "span": span, "overlap": threads["overlap"],
                               "timeline": [[str(iv.action), iv.start, iv.end] for iv in timeline]}
     png = args.png or f"plan_{name}_M{m}.png"
-    plot.gantt(png, panels, len(costs), title=f"{name}, K={len(costs)}, M={m}")
+    plot.gantt(png, panels, lanes,
+               title=f"{name}, K={len(plan_costs)} stages on {predicted.num_devices} devices, M={m}")
     print(f"\nGantt chart: {png}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -128,17 +146,31 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _schedule(text: str) -> str:
+    try:
+        return sched.canonical_name(text)
+    except SettingError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def register(subparsers: Any) -> None:
     """Adds ``plan`` to the ``pipeline`` command."""
     help_text = "predict step time and bubble per schedule and micro-batch count; draw a Gantt chart"
     p = subparsers.add_parser("plan", help=help_text, description=help_text)
     p.add_argument("config", nargs="?", help="YAML run config: its model is built and each stage timed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    p.add_argument("--costs", nargs="+", metavar="F,B",
+    p.add_argument("--costs", nargs="+", metavar="F,B[,W]",
                    help="instead of a config: forward,backward seconds of one micro-batch per stage "
-                        "(at --microbatches; scaled by 1/M for the other rows)")
+                        "(at --microbatches; scaled by 1/M for the other rows); an optional third value is the "
+                        "weight-gradient part W of the backward (zb_h1; default half the backward)")
     p.add_argument("--microbatches", type=int, help="M of the chosen plan (default: the config's)")
-    p.add_argument("--schedule", choices=planner.SCHEDULES, help="schedule of the chosen plan (default: the config's)")
+    p.add_argument("--schedule", type=_schedule, metavar="S",
+                   help=f"schedule of the chosen plan: {', '.join(planner.SCHEDULES)} or an alias, e.g. zb-h1, "
+                        "interleaved (default: the config's; with --costs 1f1b, interleaved_1f1b with --devices D < K)")
+    p.add_argument("--devices", type=int, metavar="D",
+                   help="devices D of the table and the chosen plan (default: the config's, or one per stage), a "
+                        "divisor of the stages; with fewer devices than stages interleaved_1f1b runs stage s on "
+                        "device s %% D, the other schedules the model cut into D stages")
     p.add_argument("--ms", type=_ints, default=list(planner.DEFAULT_MICROBATCHES),
                    help="micro-batch counts of the table, e.g. 1,2,4,8,16")
     p.add_argument("--stages-alone", action="store_true",

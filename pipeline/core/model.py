@@ -20,6 +20,7 @@ from pipeline.core import batchnorm as batchnorm_lib
 from pipeline.core import devices as devices_lib
 from pipeline.core import microbatch as mb_lib
 from pipeline.core import numerics
+from pipeline.core import autohook
 from pipeline.core import saving
 from pipeline.errors import CompatError, SettingError
 from pipeline.core.executor import Executor
@@ -48,7 +49,7 @@ def _check_layers(stages: Any) -> list[keras.layers.Layer]:
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
-class PipelineModel(keras.Model):
+class PipelineModel(autohook.AutoMixin, keras.Model):
     """Trains a list of Keras models/layers as one model, pipelined over devices.
 
     Args:
@@ -57,15 +58,16 @@ class PipelineModel(keras.Model):
             user's model objects are the ones trained.
         devices: ``None``/``"auto"`` (GPUs, or the CPU fallback when there are
             none), ``"cpu"``, or one device string per stage.
-        microbatches: M, how many micro-batches each batch is split into.
-        schedule: ``"1f1b"`` (bounded memory) or ``"gpipe"``.
+        microbatches: M, how many micro-batches each batch is split into, or ``"auto"``.
+        schedule: ``"1f1b"`` (bounded memory), ``"gpipe"``, another name of
+            :data:`pipeline.core.schedule.NAMES`, or ``"auto"`` (see ``memory_budget``).
         gradient_reducer: optional ``reducer(grads, variables) -> grads`` applied to
             the accumulated gradients before the optimizer step (data-parallel
             replicas all-reduce here, see :mod:`pipeline.replicas`). Not saved by
             ``model.save`` (a Python callable): set it again after ``load_model``.
         recompute: ``True`` (every stage), or one bool per stage: recompute the
             stage's activations in backward instead of keeping them
-            (:mod:`pipeline.recompute`); saves memory, costs one extra forward.
+            (:mod:`pipeline.recompute`); saves memory, costs one extra forward; or ``"auto"``.
         check_numerics: debugging aid: check every stage output, loss and gradient
             of every micro-batch for NaN/Inf and raise :class:`NumericsError` naming
             the first stage, micro-batch and tensor (:mod:`pipeline.core.numerics`);
@@ -76,6 +78,12 @@ class PipelineModel(keras.Model):
             micro-batch, moving statistics updated M times per step), ``"deferred"`` (per-micro-batch
             normalization, moving statistics updated once from the whole mini-batch) or ``"frozen"``
             (inference mode: moving statistics used, not updated; gamma/beta still train).
+        virtual_stages: V, stages per device when devices are picked automatically: K/V devices,
+            stage s on device s % (K/V) (for ``schedule="interleaved_1f1b"``). An explicit
+            ``devices`` list of D < K devices (D divides K) places the stages the same way.
+        memory_budget: with ``schedule``, ``microbatches`` or ``recompute`` set to ``"auto"``: bytes per
+            device, ``"80%"`` of each device's memory (default), a size such as ``"4GB"``, or None; the plan
+            is chosen by measurement and simulation before the first step (:mod:`pipeline.perf.autoplan`).
         **kwargs: passed to ``keras.Model`` (e.g. ``name``).
     """
 
@@ -83,13 +91,19 @@ class PipelineModel(keras.Model):
                  microbatches: int = 1, schedule: str | Callable = "1f1b",
                  gradient_reducer: GradientReducer | None = None,
                  recompute: bool | Sequence[bool] = False, check_numerics: bool = False,
-                 batchnorm: str = "microbatch", **kwargs: Any):
+                 batchnorm: str = "microbatch", memory_budget: int | str | None = "80%",
+                 virtual_stages: int = 1, **kwargs: Any):
         layers = _check_layers(stages)
+        auto_settings = autohook.settings(schedule, microbatches, recompute, memory_budget)
+        schedule, microbatches, recompute = autohook.placeholders(schedule, microbatches, recompute)
         numerics.check_flag(check_numerics)
         batchnorm_lib.check_mode(batchnorm)
         mb_lib.check_count(microbatches)
         super().__init__(**kwargs)
-        device_names = devices_lib.resolve(len(layers), devices)
+        self.auto_settings = auto_settings
+        """The settings still ``"auto"`` (:mod:`pipeline.core.autohook`); None once chosen, or when none was."""
+        device_names = devices_lib.resolve(len(layers), devices, virtual_stages)
+        self.virtual_stages = virtual_stages
         self.device_policy = saving.device_policy(devices)
         """The ``devices`` setting as given (saved; ``None``/``"auto"``/``"cpu"`` re-resolve on load)."""
         self.stage_layers = layers
@@ -236,7 +250,7 @@ class PipelineModel(keras.Model):
         Raises:
             SettingError: for a custom schedule callable (a config records schedules by name).
         """
-        return saving.pipeline_config(self)
+        return autohook.saved_config(self, saving.pipeline_config(self))
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: dict[str, Any] | None = None) -> "PipelineModel":
@@ -327,6 +341,7 @@ def _ensure_built(model: PipelineModel, x: Any, training: bool) -> None:
     if not all(stage.layer.built for stage in model.pipeline_stages):
         model.build(tf.nest.map_structure(lambda t: tuple(t.shape), x))
     model.built = True
+    autohook.resolve(model, x, in_step=True)  # "auto" settings not chosen yet (e.g. a generator fed fit)
     if training:
         numerics.loss_scale_optimizer(model.optimizer)  # refuses a wrapper it cannot honour
     if training and model.optimizer is not None and not model.optimizer.built:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import re
-import socket
 import sys
 import threading
 import time
@@ -15,13 +13,14 @@ from typing import Any, Callable, Iterator, Mapping
 import tensorflow as tf
 
 from pipeline.core import _compat
+from pipeline.dist.addresses import (  # noqa: F401 - re-exported: cluster.is_wildcard, cluster.check_addresses
+    ADDRESS_ENV, WILDCARD_HOSTS, _is_local_host, _reachable, _split_address, check_addresses, is_wildcard,
+    trainer_address)
 from pipeline.errors import ClusterError
 
 DEFAULT_JOB = "worker"
 DEFAULT_TIMEOUT = 60.0
 """Seconds a task may stay silent before the trainer fails naming it."""
-WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")
-"""Host names that mean "every interface" (an IPv6 host may be bracketed: ``[::]``), see :func:`is_wildcard`."""
 
 Resolver = tf.distribute.cluster_resolver.ClusterResolver
 
@@ -105,61 +104,6 @@ def _slurm_task_count() -> int:
         if os.environ.get(var):
             return int(os.environ[var])
     raise ClusterError("--cluster slurm, but no SLURM_NTASKS/SLURM_NNODES: run inside sbatch/srun")
-
-
-# --------------------------------------------------------------------------- addresses
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ClusterError(f"address {address!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
-def is_wildcard(host: str) -> bool:
-    """Whether ``host`` means "every interface" (one of :data:`WILDCARD_HOSTS`, brackets ignored)."""
-    return host.strip("[]") in WILDCARD_HOSTS
-
-
-def check_addresses(spec: tf.train.ClusterSpec, allow_wildcard: bool = False) -> None:
-    """Refuses wildcard addresses in a cluster spec unless ``allow_wildcard``.
-
-    The servers have no authentication; every task must be named by a concrete
-    address (a private interface, or loopback for one host).
-
-    Raises:
-        ClusterError: naming the task and its address.
-    """
-    for job in spec.jobs:
-        for task, address in enumerate(spec.job_tasks(job)):
-            host, _ = _split_address(address)
-            if is_wildcard(host) and not allow_wildcard:
-                raise ClusterError(
-                    f"task /job:{job}/task:{task} has the wildcard address {address!r}; TF gRPC "
-                    "servers have no authentication, so name the interface each task serves on "
-                    "(e.g. 127.0.0.1:2222 or a private-network address), or pass "
-                    "--allow-wildcard if you really want to accept connections from anywhere"
-                )
-
-
-def _is_local_host(host: str) -> bool:
-    """Whether ``host`` resolves to an address of this machine (it can be bound to)."""
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return False
-    for family, _, _, _, addr in infos:
-        ip = addr[0]
-        if ipaddress.ip_address(ip.split("%")[0]).is_loopback:
-            return True
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((ip, 0))
-                return True
-            except OSError:
-                continue
-    return False
 
 
 # --------------------------------------------------------------------------- server side
@@ -297,11 +241,12 @@ def probe(spec: tf.train.ClusterSpec, timeout: float = DEFAULT_TIMEOUT, jobs: li
 
 def connect(cluster: str | Resolver | Mapping[str, Any] | None = None, job: str = DEFAULT_JOB,
             timeout: float = DEFAULT_TIMEOUT, allow_wildcard: bool = False,
-            watchdog: bool = True) -> tf.train.ClusterSpec:
+            watchdog: bool = True, address: str | None = None) -> tf.train.ClusterSpec:
     """Connects this (trainer) process to the cluster and checks every task answers.
 
     After it returns, devices such as ``/job:worker/task:1/device:CPU:0`` can hold
-    stages. The trainer itself joins as ``/job:localhost``.
+    stages. The trainer itself joins as ``/job:localhost``, serving at ``address``:
+    the workers fetch its tensors (inputs, variables) from there.
 
     Args:
         cluster: anything :func:`resolver_from` accepts.
@@ -309,9 +254,12 @@ def connect(cluster: str | Resolver | Mapping[str, Any] | None = None, job: str 
         timeout: seconds a task may stay silent before failing (probe and watchdog).
         allow_wildcard: accept wildcard addresses in the spec.
         watchdog: start a :class:`Watchdog` that aborts the process when a task dies.
+        address: ``host`` or ``host:port`` the workers reach this trainer at (default
+            ``$PIPELINE_CLUSTER_ADDRESS``, else this host's address on the route to the first
+            task and a free port; see :func:`pipeline.dist.addresses.trainer_address`).
 
     Returns:
-        The cluster spec connected to.
+        The cluster spec connected to (without the trainer's ``localhost`` job).
 
     Raises:
         ClusterError: a wildcard address, or a task that does not answer within ``timeout``.
@@ -322,7 +270,10 @@ def connect(cluster: str | Resolver | Mapping[str, Any] | None = None, job: str 
     wait_for_tasks(spec, timeout)
     set_grpc_options(timeout)
     tf.config.experimental.set_synchronous_execution(True)  # errors surface at the failing op
-    tf.config.experimental_connect_to_cluster(spec, job_name="localhost", protocol="grpc")
+    # TF's default for its own job, localhost:<port>, is unreachable from workers on other hosts.
+    _state["trainer"] = trainer_address(spec, address)
+    full = tf.train.ClusterSpec({**spec.as_dict(), "localhost": [_state["trainer"]]})
+    tf.config.experimental_connect_to_cluster(full, job_name="localhost", protocol="grpc")
     probe(spec, timeout)
     if watchdog:
         Watchdog(spec, timeout).start()
@@ -330,6 +281,9 @@ def connect(cluster: str | Resolver | Mapping[str, Any] | None = None, job: str 
 
 
 _TASK_RE = re.compile(r"/job:([\w-]+)/replica:\d+/task:(\d+)")
+_PEER_RE = re.compile(r"ipv[46]:(\[[^\]]+\]|[\d.]+):(\d+)")
+_state: dict[str, str] = {}
+"""``trainer``: the address this process serves the cluster at (set by :func:`connect`)."""
 _PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
                 tf.errors.CancelledError, tf.errors.InternalError, tf.errors.NotFoundError)
 
@@ -350,19 +304,35 @@ def guard(spec: tf.train.ClusterSpec) -> Iterator[None]:
         yield
     except _PEER_ERRORS as err:
         text = str(err)
-        found = [m for m in _TASK_RE.finditer(text) if m.group(1) != "localhost"]
-        if not found and not isinstance(err, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)):
+        peers = {f"{host.strip('[]')}:{port}" for host, port in _PEER_RE.findall(text)}
+        trainer = _state.get("trainer", "")
+        if trainer and trainer.replace("[", "").replace("]", "") in peers:
+            raise ClusterError(
+                f"a worker could not connect back to this trainer at {trainer} ({_reason(text, err)}); set "
+                f"{ADDRESS_ENV} to an address of this host that the workers reach (and open its port)") from err
+        named = [(job, i) for job in spec.jobs if job != "localhost"
+                 for i, addr in enumerate(spec.job_tasks(job)) if addr.replace("[", "").replace("]", "") in peers]
+        named += [(m.group(1), int(m.group(2))) for m in _TASK_RE.finditer(text) if m.group(1) != "localhost"]
+        if not named and not isinstance(err, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)):
             raise
         where = "a cluster task"
-        if found:
-            job, task = found[0].group(1), int(found[0].group(2))
+        if named:
+            job, task = named[0]
             tasks = spec.job_tasks(job) if job in spec.jobs else []
             address = f" at {tasks[task]}" if task < len(tasks) else ""
             where = f"task /job:{job}/task:{task}{address}"
-        first = next((line.strip() for line in text.splitlines() if "UNAVAILABLE" in line or "rror" in line),
-                     text.splitlines()[0] if text else type(err).__name__)
-        raise ClusterError(f"{where} failed or stopped answering ({type(err).__name__}: {first}); "
-                           "check that its `pipeline worker` is alive") from err
+        raise ClusterError(f"{where} failed or stopped answering ({_reason(text, err)}); "
+                           "check that its `pipeline worker` is alive and its host reachable") from err
+
+
+def _reason(text: str, err: BaseException) -> str:
+    """The most telling line of a TF/gRPC error (the connection failure, not "Graph execution error")."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for key in ("failed to connect", "Connection reset", "Socket closed", "UNAVAILABLE", "DEADLINE", "rror"):
+        for line in lines:
+            if key in line and not line.startswith("Graph execution error"):
+                return f"{type(err).__name__}: {line[:300]}"
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def connect_from_env() -> tf.train.ClusterSpec | None:
@@ -430,12 +400,3 @@ class Watchdog(threading.Thread):
             return
         print(f"pipeline: ClusterError: {message}", file=sys.stderr, flush=True)
         _compat.hard_exit(self.exit_code)  # the main thread may be blocked inside TF
-
-
-def _reachable(address: str, timeout: float) -> bool:
-    host, port = _split_address(address)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import keras
 import tensorflow as tf
 
-from pipeline.errors import ReplicaError, SettingError, check_count
+from pipeline.dist.addresses import interface_of, route_source
+from pipeline.errors import PipelineError, ReplicaError, SettingError, check_count
 
 BACKENDS = ("auto", "horovod", "none")
 STALL_CHECK_SECONDS = 60
@@ -121,6 +122,22 @@ def _slurm_gloo_rendezvous() -> None:
     })
     if _is_loopback(addr):
         env.setdefault("HOROVOD_GLOO_IFACE", "lo")
+    elif not env.get("HOROVOD_GLOO_IFACE"):  # else Gloo may advertise the host name's address (often loopback)
+        try:
+            source = route_source(addr, port)
+        except PipelineError as err:
+            raise ReplicaError(f"rank {rank}: the Gloo rendezvous {addr}:{port} is not reachable: {err}") from err
+        iface = interface_of(source)
+        if iface is None:
+            raise ReplicaError(f"rank {rank}: no network interface holds {source}, this host's address towards "
+                               f"the rendezvous {addr}:{port}; set HOROVOD_GLOO_IFACE to the cluster interface")
+        env["HOROVOD_GLOO_IFACE"] = iface
+    if not _is_loopback(addr) and _is_loopback(socket.gethostname()):
+        # Horovod 0.28.1 builds the Gloo context of its process sets (every collective uses one) without
+        # HOROVOD_GLOO_IFACE, on the address the host name resolves to: loopback can't reach other nodes.
+        raise ReplicaError(f"rank {rank}: this node's host name {socket.gethostname()!r} resolves to a loopback "
+                           "address, so Horovod's Gloo (0.28.1) would offer 127.0.0.1 to the other nodes; make the "
+                           "host name resolve to the node's cluster-network address (/etc/hosts or DNS)")
     if rank == 0:
         try:
             server = RendezvousHTTPServer((addr, port), RendezvousHandler, 0)
@@ -157,6 +174,11 @@ def _slurm_node_names(nodes: int) -> list[str]:
     if nodes == 1:
         return [own]
     nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    if nodelist and "[" not in nodelist:  # a plain list ("n1,n2") needs no expansion
+        out = [name.strip() for name in nodelist.split(",") if name.strip()]
+        if len(out) != nodes:
+            raise ReplicaError(f"SLURM node list {nodelist!r} has {len(out)} nodes, SLURM_NNODES says {nodes}")
+        return out
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              check=True, timeout=30).stdout.split()

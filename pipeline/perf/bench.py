@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.core import runtime
 from pipeline.core import schedule as sched
+from pipeline.perf import bench_build, bench_overlap
 from pipeline.perf import bench_points as points
 from pipeline.perf import simulate as sim
 
@@ -33,6 +34,8 @@ FULL = {"width": 256, "layers": 8, "batch": 2048, "steps": 6, "rounds": 2,
 QUICK = {"width": 64, "layers": 2, "batch": 32, "steps": 2, "rounds": 1,
          "ms": [1, 2], "mem_ms": [2, 4], "mem_micro": 4, "mem_width": 64,
          "cnn_batch": 2, "uneven_width": 64, "balance_batch": 32}
+FULL.update(bench_build.FULL, **bench_overlap.FULL)  # sizes of the "build" and "overlap" sections
+QUICK.update(bench_build.QUICK, **bench_overlap.QUICK)
 
 
 # ----------------------------------------------------------------------------- worker side (TensorFlow)
@@ -101,7 +104,11 @@ def _jacobian(p: dict[str, Any]) -> dict[str, Any]:
 
 
 POINTS = {"step": points.point_step, "overhead": points.overhead, "jacobian": _jacobian,
-          "balance": points.balance_point}
+          "balance": points.balance_point, "build": bench_build.build_point,
+          "overlap": bench_overlap.overlap_point}
+SECTION_HOOKS: dict[str, Any] = {}
+"""Sections of higher layers, ``hook(cfg, out, log)``, registered at their import (pipeline.commands.bench_auto:
+"auto", which builds YAML configs; its points and sizes go into ``POINTS``/``FULL``/``QUICK`` too)."""
 
 
 def worker(spec: str) -> None:
@@ -121,8 +128,13 @@ def worker(spec: str) -> None:
 
 # ----------------------------------------------------------------------------- driver side (no TensorFlow)
 
-def run_point(point: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
+def run_point(point: dict[str, Any], timeout: float = 1800, module: str = "pipeline.perf.bench") -> dict[str, Any]:
     """Runs ``point`` in a fresh Python process and returns its result dictionary.
+
+    Args:
+        point: the point's settings (``kind`` names its function in ``POINTS``).
+        timeout: seconds before the worker is stopped.
+        module: the module the worker runs as ``python -m <module> --worker`` (one that fills ``POINTS``).
 
     Raises:
         RuntimeError: with the worker's last output lines if it failed.
@@ -132,7 +144,7 @@ def run_point(point: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
                TF_NUM_INTEROP_THREADS=str(inter))
     env[runtime.BFC_ENV] = "true"  # peak memory statistics on every processor (see runtime.BFC_ENV)
     env.pop("PIPELINE_CPU_DEVICES", None)  # the worker creates its devices after setting threads
-    proc = subprocess.run([sys.executable, "-m", "pipeline.perf.bench", "--worker", json.dumps(point)],
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(point)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -147,7 +159,7 @@ def _best(point: dict[str, Any], rounds: int, key: str = "step") -> dict[str, An
     return min(runs, key=lambda r: r[key])
 
 
-SECTIONS = ("overhead", "speedup", "memory", "jacobian", "balance")
+SECTIONS = ("overhead", "speedup", "memory", "jacobian", "balance", "build", "overlap", "auto")
 
 
 def run(cfg: dict[str, Any], log: Any = print, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
@@ -175,6 +187,14 @@ def run(cfg: dict[str, Any], log: Any = print, sections: tuple[str, ...] = SECTI
         _section_jacobian(cfg, out, log)
     if "balance" in sections:
         _section_balance(cfg, out, log)
+    if "build" in sections:
+        bench_build.section_build(cfg, out, log, lambda point: run_point(point))
+    if "overlap" in sections:
+        bench_overlap.section_overlap(cfg, out, log, lambda point: run_point(point))
+    if "auto" in sections and "auto" in SECTION_HOOKS:
+        SECTION_HOOKS["auto"](cfg, out, log)
+    elif "auto" in sections:
+        log("auto: skipped here (the section builds YAML configs: `pipeline bench --sections auto` runs it)")
     return out
 
 
@@ -235,11 +255,18 @@ def _section_speedup(cfg: dict[str, Any], base: dict[str, Any], out: dict[str, A
                 f"(ratio {out['simulator']['ratio_stages_alone']:.2f})")
 
 
+MEMORY_RECOMPUTE = {"zb_h1": (False,), "interleaved_1f1b": ()}
+"""Recompute settings of the memory section per schedule (default both): zb_h1 (held until W) without recompute
+only, whose trade-off the 1f1b rows show; interleaved_1f1b none, with K=2 stages on 2 devices it is 1f1b."""
+
+
 def _section_memory(cfg: dict[str, Any], out: dict[str, Any], log: Any) -> None:
     log("memory: peak RSS per process, fixed micro-batch, K=2 ...")
     mem = []
     for schedule in sched.NAMES:
-        for recompute in (False, True):
+        if schedule == "interleaved_1f1b":
+            log(f"  {schedule}: skipped, K=2 stages on 2 devices run it as 1f1b (it needs fewer devices than stages)")
+        for recompute in MEMORY_RECOMPUTE.get(schedule, (False, True)):
             for m in cfg["mem_ms"]:
                 point = {"kind": "step", "mode": "pipeline", "k": 2, "m": m, "schedule": schedule,
                          "recompute": recompute, "width": cfg["mem_width"], "layers": cfg["layers"] * 2,
@@ -292,11 +319,10 @@ def _section_balance(cfg: dict[str, Any], out: dict[str, Any], log: Any) -> None
 
 def _growth(rows: list[dict[str, Any]], ms: list[int], key: str) -> dict[str, float]:
     growth = {}
-    for schedule in sched.NAMES:
-        for recompute in (False, True):
-            sel = {r["m"]: r[key] for r in rows if r["schedule"] == schedule and r["recompute"] == recompute}
-            name = f"{schedule}{' +recompute' if recompute else ''}"
-            growth[name] = sel[ms[-1]] / sel[ms[0]] - 1 if sel[ms[0]] and sel[ms[-1]] is not None else float("nan")
+    for schedule, recompute in dict.fromkeys((r["schedule"], r["recompute"]) for r in rows):  # as run, in order
+        sel = {r["m"]: r[key] for r in rows if r["schedule"] == schedule and r["recompute"] == recompute}
+        name = f"{schedule}{' +recompute' if recompute else ''}"
+        growth[name] = sel[ms[-1]] / sel[ms[0]] - 1 if sel[ms[0]] and sel[ms[-1]] is not None else float("nan")
     return growth
 
 

@@ -20,7 +20,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _mlp(width: int, layers: int, name: str, in_dim: int | None = None, out_dim: int | None = None) -> Any:
+def mlp(width: int, layers: int, name: str, in_dim: int | None = None, out_dim: int | None = None) -> Any:
+    """``layers`` x Dense(width, relu) named ``<name>_d<i>`` (plus Dense(out_dim) ``<name>_out``), built."""
     import keras
 
     body = [keras.layers.Dense(width, activation="relu", name=f"{name}_d{i}") for i in range(layers)]
@@ -39,7 +40,7 @@ def point_step(p: dict[str, Any]) -> dict[str, Any]:
     keras.utils.set_random_seed(0)
     width, layers, batch, k = p["width"], p["layers"], p["batch"], p.get("k", 2)
     in_dim, out_dim = p.get("in_dim"), p.get("out_dim")
-    parts = [_mlp(width, layers, f"s{i}", in_dim if i == 0 else None, out_dim if i == k - 1 else None)
+    parts = [mlp(width, layers, f"s{i}", in_dim if i == 0 else None, out_dim if i == k - 1 else None)
              for i in range(k)]
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, in_dim or width)).astype("float32")
@@ -99,9 +100,9 @@ def overhead(p: dict[str, Any]) -> dict[str, Any]:
     x = rng.normal(size=(batch, width)).astype("float32")
     y = rng.normal(size=(batch, width)).astype("float32")
     keras.utils.set_random_seed(0)
-    plain = _mlp(width, 2 * layers, "plain")
+    plain = mlp(width, 2 * layers, "plain")
     keras.utils.set_random_seed(0)
-    piped = PipelineModel([_mlp(width, 2 * layers, "piped")], microbatches=1)
+    piped = PipelineModel([mlp(width, 2 * layers, "piped")], microbatches=1)
     models = {"keras": plain, "pipeline": piped}
     for model in models.values():
         model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")

@@ -140,13 +140,137 @@ def run_measured(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: str
     """
     import tensorflow as tf
 
-    step = executor_step(stages, x, y, loss, schedule, num_microbatches)
-    elapsed = median_time(step, steps)
+    from pipeline.core import traced
+
+    with traced.inlined():  # the stages' ops keep their action scopes in the trace
+        step = executor_step(stages, x, y, loss, schedule, num_microbatches)
+        elapsed = median_time(step, steps)
+        logdir = tempfile.mkdtemp(prefix="pipeline-trace-")
+        tf.profiler.experimental.start(logdir)
+        try:
+            wait_for(step())
+        finally:
+            tf.profiler.experimental.stop()
+    timeline, threads = trace_actions(logdir)
+    return elapsed, timeline, threads
+
+
+# ----------------------------------------------------------------------------- where a step's time goes
+
+_CALL_EVENTS = ("PartitionedCallOp", "FunctionRun", "ExecutorDoneCallback")
+_COPY_TYPES = ("_Send", "_Recv", "_HostSend", "_HostRecv", "Send", "Recv")
+_ACT_SCOPE = re.compile(r"(?:^|/)act(\d+)([FBW])\d+/")
+_ACCUMULATE = re.compile(r"(?:^|/)act\d+[BW]\d+/add(_\d+)?$")
+_PLAIN_ADD = re.compile(r"(?:^|/)add(_\d+)?$")
+CATEGORIES = ("forward", "backward", "loss", "accumulate", "copy", "optimizer", "other")
+"""Op categories of :func:`profile_categories`, in table order."""
+
+
+def op_category(name: str, op_type: str, stage_pattern: re.Pattern | None = None) -> tuple[str, int | None]:
+    """(category, stage or None) of one profiled op (``name`` without the ``:Type`` suffix).
+
+    The stage comes from the action scope ``act<stage><op><j>/`` or, for ops of a stage's own layers (the
+    executor may run a stage as a traced function, whose ops lose the caller's scope), from
+    ``stage_pattern``'s first group matched on a layer name.
+    """
+    act = _ACT_SCOPE.search(name)
+    stage = int(act.group(1)) if act else None
+    if stage is None and stage_pattern is not None:
+        layer = stage_pattern.search(name)
+        stage = int(layer.group(1)) if layer else None
+    lower = name.lower()
+    if op_type in _COPY_TYPES or "memcpy" in op_type.lower():
+        return "copy", stage
+    if op_type in ("AddV2", "Add", "AddN") and (_ACCUMULATE.search(name) or (
+            stage is None and _PLAIN_ADD.search(name))):  # gradient sums: in a backward, or a traced add_all
+        return "accumulate", stage
+    if "/sgd/" in lower or "optimizer" in lower or op_type.startswith("ResourceApply") or (
+            op_type in ("AssignSubVariableOp", "AssignAddVariableOp") and stage is None):
+        return "optimizer", stage
+    if "compile_loss" in lower or "/loss/" in lower:
+        return "loss", stage
+    if stage is not None:
+        backward = ("gradients/" in lower or "_grad/" in lower or "gradient_tape" in lower
+                    or bool(act and act.group(2) != "F"))
+        return ("backward" if backward else "forward"), stage
+    return "other", None
+
+
+def profile_categories(logdir: str, steps: int, stage_pattern: re.Pattern | None = None) -> dict[str, Any]:
+    """Reads the newest profiler trace under ``logdir``: ms per step in each op category, per stage, per thread.
+
+    Args:
+        logdir: where ``tf.profiler.experimental`` wrote the trace of ``steps`` steps.
+        steps: how many steps the trace holds (every figure is divided by it).
+        stage_pattern: see :func:`op_category`.
+
+    Returns:
+        ``{"categories": {category: {stage or "-": ms}}, "threads": {thread: {"kernels", "executor",
+        "idle"}: ms}, "span": ms, "ops": ops per step, "function_calls": nested function calls per step,
+        "function_call_ms": {runtime event: ms}}``: kernel time by category (thread time: ops of both
+        devices run on the shared inter-op threads), and per executor thread the time in op kernels, in the
+        executor's own bookkeeping around them (``ExecutorState::Process`` minus its ops: op dispatch) and idle.
+    """
+    from pipeline.core import _compat
+
+    paths = sorted(glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb")))
+    if not paths:
+        raise MeasureError(f"no profiler trace under {logdir!r}")
+    space = _compat.read_xspace(paths[-1])
+    cats: dict[str, dict[str, float]] = {c: {} for c in CATEGORIES}
+    threads: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    ops, count = 0, 0
+    calls: dict[str, float] = {}
+    for plane in space.planes:
+        if not plane.name.startswith("/host:CPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            spans = threads.setdefault(line.name, {"ops": [], "process": []})
+            for event in line.events:
+                full = plane.event_metadata[event.metadata_id].name
+                start = line.timestamp_ns * 1e-9 + event.offset_ps * 1e-12
+                end = start + event.duration_ps * 1e-12
+                if full.startswith("ExecutorState::Process"):
+                    spans["process"].append((start, end))
+                    continue
+                if full in _CALL_EVENTS:  # the runtime's work to call a nested function (one per traced call)
+                    calls[full] = calls.get(full, 0.0) + (end - start) * 1e3 / steps
+                    count += full == "PartitionedCallOp"
+                    continue
+                if ":" not in full or "::" in full:
+                    continue
+                name, op_type = full.rsplit(":", 1)
+                category, stage = op_category(name, op_type, stage_pattern)
+                key = "-" if stage is None else str(stage)
+                cats[category][key] = cats[category].get(key, 0.0) + (end - start) * 1e3 / steps
+                spans["ops"].append((start, end))
+                ops += 1
+    every = [iv for spans in threads.values() for ivs in spans.values() for iv in ivs]
+    if not every:
+        raise MeasureError(f"the trace under {logdir!r} has no TensorFlow executor events")
+    span = max(e for _, e in every) - min(s for s, _ in every)
+    per_thread = {}
+    for name, spans in threads.items():
+        kernels = sum(e - s for s, e in _union(spans["ops"]))
+        process = sum(e - s for s, e in _union(spans["process"] + spans["ops"]))
+        per_thread[name] = {"kernels": kernels * 1e3 / steps, "executor": (process - kernels) * 1e3 / steps,
+                            "idle": (span - process) * 1e3 / steps}
+    return {"categories": cats, "threads": per_thread, "span": span * 1e3 / steps, "ops": ops / steps,
+            "function_calls": count / steps, "function_call_ms": calls}
+
+
+def profile_fit(model: Any, x: Any, y: Any, steps: int = 3, stage_pattern: re.Pattern | None = None) -> dict[str, Any]:
+    """Profiles ``steps`` real ``fit`` steps of a compiled (and already traced) model: :func:`profile_categories`."""
+    import tensorflow as tf
+
+    data = tf.data.Dataset.from_tensors((x, y))
+    model.fit(data.repeat(2), epochs=1, verbose=0, shuffle=False)  # traced and warm
     logdir = tempfile.mkdtemp(prefix="pipeline-trace-")
     tf.profiler.experimental.start(logdir)
     try:
-        wait_for(step())
+        model.fit(data.repeat(steps), epochs=1, verbose=0, shuffle=False)
     finally:
         tf.profiler.experimental.stop()
-    timeline, threads = trace_actions(logdir)
-    return elapsed, timeline, threads
+    return profile_categories(logdir, steps, stage_pattern)

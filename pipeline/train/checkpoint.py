@@ -1,4 +1,4 @@
-"""Checkpoints (stage weights, optimizer, step, epoch = data position), resume with fallback, preemption signals."""
+"""Checkpoints (weights, optimizer slots, step, epoch, data position in samples) independent of the topology."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from pipeline.errors import CheckpointError
+from pipeline.train import ckpt_format
 
 PREEMPTED_EXIT_CODE = 75
 """Exit code of a run stopped by SIGTERM/SIGUSR1 after writing a checkpoint (EX_TEMPFAIL: rerun to resume)."""
@@ -21,40 +22,151 @@ log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    """All stages' variables, the optimizer state, the global step and epoch, in one ``tf.train.Checkpoint``.
+    """Writes and restores topology-free checkpoints (:mod:`pipeline.train.ckpt_format`) of a pipeline.
 
-    The global step is also the data position: the number of batches consumed, from which
-    :func:`pipeline.data.train_stream` resumes the exact batch sequence.
+    A checkpoint ``ckpt-<step>`` is a TensorFlow tensor bundle whose tensors are named by the model's
+    own variable paths (``model/conv1/kernel``, ``optimizer/adam/conv1/kernel/momentum``, ...) plus
+    ``meta/step``, ``meta/epoch``, ``meta/samples`` (the data position: training samples consumed over
+    all replicas) and ``meta/global_batch``. So it restores into the same model split into other stages
+    (other K, cuts, schedule, micro-batches) or trained by another number of replicas at the same
+    global batch. A checkpoint that does not fit is refused before any variable is changed.
 
     Args:
         directory: where checkpoints are written (``RUN_DIR/checkpoints``).
         stage_models: the stage models (``[model_0, model_1, ...]``), built.
         optimizer: the optimizer, built (so its slot variables exist before a restore).
         keep: how many checkpoints to keep.
+        global_batch: samples per step over all replicas (``replicas x data.batch_size``); ``None``:
+            unknown (the data position is then not recorded in samples and not checked).
+        replicas: the number of replicas (recorded for information).
     """
 
-    def __init__(self, directory: str, stage_models: Sequence[Any], optimizer: Any, keep: int = 3):
+    def __init__(self, directory: str, stage_models: Sequence[Any], optimizer: Any, keep: int = 3,
+                 global_batch: int | None = None, replicas: int = 1):
         self.directory = directory
+        self.stage_models = list(stage_models)
+        self.optimizer = optimizer
+        self.keep = keep
+        self.global_batch = global_batch
+        self.replicas = replicas
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.steps_per_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="steps_per_epoch")
-        self.checkpoint = tf.train.Checkpoint(
-            stages=list(stage_models), optimizer=optimizer, step=self.step, epoch=self.epoch,
-            steps_per_epoch=self.steps_per_epoch,
-        )
-        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=keep,
-                                                  step_counter=self.step)
+        self.saved_meta: dict[str, int] = {}
+        """The ``meta/*`` integers of the last restored checkpoint (``replicas``, ``global_batch``, ...)."""
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """The kept checkpoint prefixes, oldest first."""
+        return ckpt_format.listed(self.directory)
+
+    @property
+    def manager(self) -> "Checkpointer":
+        """Itself (the earlier ``tf.train.CheckpointManager``'s ``.checkpoints`` list is :attr:`checkpoints`)."""
+        return self
+
+    def variables(self) -> dict[str, Any]:
+        """``{checkpoint key: variable}`` of the stages and the optimizer."""
+        return ckpt_format.state_variables(self.stage_models, self.optimizer)
 
     def save(self, step: int, epoch: int, steps_per_epoch: int) -> str:
-        """Writes a checkpoint for ``step`` (TF writes data then the index, then atomically the state file)."""
+        """Writes ``ckpt-<step>`` atomically (bundle, fsync, rename), then the state file; drops the oldest."""
         self.step.assign(step)
         self.epoch.assign(epoch)
         self.steps_per_epoch.assign(steps_per_epoch)
-        return self.manager.save(checkpoint_number=step)
+        os.makedirs(self.directory, exist_ok=True)
+        gb = self.global_batch or 0
+        meta = {"format_version": ckpt_format.FORMAT_VERSION, "step": step, "epoch": epoch,
+                "steps_per_epoch": steps_per_epoch, "samples": step * gb if gb else -1, "global_batch": gb,
+                "replicas": self.replicas}
+        prefix = ckpt_format.write(os.path.join(self.directory, f"ckpt-{step}"),
+                                   {k: v.numpy() for k, v in self.variables().items()}, meta)
+        kept = [p for p in self.checkpoints if p != prefix] + [prefix]
+        ckpt_format.write_state(self.directory, kept[-self.keep:])
+        for old in kept[:-self.keep]:
+            ckpt_format.remove(old)
+        return prefix
 
-    def restore(self, path: str) -> int:
-        """Restores one checkpoint (all objects must match); returns its global step."""
-        self.checkpoint.restore(path).assert_existing_objects_matched()
+    def restore(self, path: str, check_position: bool = False) -> int:
+        """Restores one checkpoint, all or nothing; returns its global step.
+
+        Args:
+            path: the checkpoint prefix (``.../ckpt-40``).
+            check_position: refuse a checkpoint written at another global batch (to resume training,
+                whose data position must then be the same step; evaluation needs no such check).
+
+        Raises:
+            CheckpointError: the checkpoint does not fit the model or optimizer (names, shapes), or
+                (``check_position``) was written at another global batch; nothing was restored.
+            tf.errors.OpError, OSError, ValueError: the files are unreadable (missing, truncated).
+        """
+        saved, reader = ckpt_format.read(path)
+        if "meta/format_version" not in saved:
+            if ckpt_format.LEGACY_KEY in saved:
+                return self._restore_legacy(path, saved)
+            raise CheckpointError(f"checkpoint {path} is not a pipeline checkpoint (no meta/format_version)")
+        meta = {k: int(reader.get_tensor(f"meta/{k}")) for k in ckpt_format.META if f"meta/{k}" in saved}
+        if meta["format_version"] > ckpt_format.FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint {path} has format version {meta['format_version']}; this pipeline "
+                                  f"reads up to {ckpt_format.FORMAT_VERSION}: upgrade the pipeline package")
+        if check_position:
+            self._check_batch(path, meta)
+        current = self.variables()
+        pairs = ckpt_format.match(path, {k: v for k, v in saved.items() if not k.startswith("meta/")}, current)
+        values = {key: reader.get_tensor(saved_key) for key, saved_key in pairs.items()}  # all read first
+        for key, value in values.items():
+            current[key].assign(value)
+        self.saved_meta = meta
+        self.epoch.assign(meta["epoch"])
+        self.steps_per_epoch.assign(meta["steps_per_epoch"])
+        self.step.assign(meta["step"])
+        return meta["step"]
+
+    def _check_batch(self, path: str, meta: dict[str, int]) -> None:
+        """Refuses a checkpoint whose data position in samples is not the same step at this global batch."""
+        saved_gb, samples = meta.get("global_batch", 0), meta.get("samples", -1)
+        if not self.global_batch or saved_gb <= 0 or samples < 0:
+            return
+        if saved_gb != self.global_batch:
+            replicas = max(meta.get("replicas", 1), 1)
+            raise CheckpointError(
+                f"checkpoint {path} was written at a global batch of {saved_gb} samples per step ({replicas} "
+                f"replica(s) x {saved_gb // replicas}), this run has {self.global_batch} ({self.replicas} x "
+                f"{self.global_batch // self.replicas}); the data position ({samples} samples) and the batches "
+                f"that follow are only the same at the same global batch. Set data.batch_size to "
+                f"{saved_gb // self.replicas if saved_gb % self.replicas == 0 else 'a value'} so that replicas x "
+                f"data.batch_size = {saved_gb}, or train into a new run folder (--run-dir)")
+
+    def _restore_legacy(self, path: str, saved: dict[str, Any]) -> int:
+        """A checkpoint of the earlier format (``tf.train.Checkpoint`` of stages and optimizer), all or nothing.
+
+        That format holds the trainable weights only as the optimizer's ordered variable list (not the
+        non-trainable ones such as BatchNormalization statistics), so it restores into the same model
+        whose trainable variables have the same shapes in the same order (any cuts); else it is refused.
+        """
+        trainable = [v for m in self.stage_models for v in m.trainable_variables]
+        key = "optimizer/_trainable_variables/{}/.ATTRIBUTES/VARIABLE_VALUE"
+        shapes = [tuple(saved[key.format(i)][0]) for i in range(len(saved)) if key.format(i) in saved]
+        if shapes != [tuple(v.shape) for v in trainable]:
+            raise CheckpointError(f"checkpoint {path} has the earlier format, which restores only into a model with "
+                                  f"the same trainable variables in the same order: it holds {len(shapes)} of shapes "
+                                  f"{shapes[:6]}..., the model has {len(trainable)} ({[v.path for v in trainable][:6]}"
+                                  "...); nothing was restored")
+        legacy = tf.train.Checkpoint(optimizer=self.optimizer, step=self.step, epoch=self.epoch,
+                                     steps_per_epoch=self.steps_per_epoch)
+        variables = [*self.variables().values(), self.step, self.epoch, self.steps_per_epoch]
+        before = [v.numpy() for v in variables]
+        try:
+            legacy.restore(path).expect_partial()
+        except Exception as err:  # noqa: BLE001 - put every variable back, then explain
+            for v, value in zip(variables, before):
+                v.assign(value)
+            raise CheckpointError(f"checkpoint {path} (earlier format) could not be restored: "
+                                  f"{type(err).__name__}: {str(err).splitlines()[0]}; nothing was restored") from None
+        if any(not v.trainable for m in self.stage_models for v in m.variables):
+            log.warning("checkpoint %s has the earlier format, which did not hold non-trainable variables "
+                        "(e.g. BatchNormalization statistics): those keep their initial values", path)
+        self.saved_meta = {}
         return int(self.step.numpy())
 
     def restore_latest(self) -> tuple[int, str | None]:
@@ -62,11 +174,16 @@ class Checkpointer:
 
         Returns:
             ``(global_step, path)``, or ``(0, None)`` when there is no usable checkpoint.
+
+        Raises:
+            CheckpointError: the newest readable checkpoint does not fit the model (never skipped).
         """
-        candidates = list(reversed(self.manager.checkpoints))
+        candidates = list(reversed(self.checkpoints))
         for path in candidates:
             try:
-                return self.restore(path), path
+                return self.restore(path, check_position=True), path
+            except CheckpointError:
+                raise
             except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
                 msg = (f"checkpoint {path} is unreadable ({type(err).__name__}: {str(err).splitlines()[0]}); "
                        "falling back to the previous checkpoint")

@@ -13,6 +13,7 @@ import yaml
 from pipeline.core import schedule as _schedule
 from pipeline.core.balance import BALANCE_MODES
 from pipeline.errors import SettingError, check_count
+from pipeline.perf import autoplan
 from pipeline.train import models
 from pipeline.train.typed_yaml import ConfigError
 from pipeline.train.typed_yaml import build as _build
@@ -69,12 +70,20 @@ class PipelineConfig:
     """Devices, micro-batches and schedule of the pipeline."""
 
     devices: str | tuple[str, ...] = "auto"
-    microbatches: int = 1
+    microbatches: int | str = 1
+    """M, or ``auto``: chosen (with ``schedule``/``recompute`` if auto too) by measurement and simulation."""
     schedule: str = "1f1b"
+    recompute: bool | str = False
+    """Recompute every stage's activations in backward (less memory, one more forward), or ``auto``."""
+    memory_budget: int | str | None = "80%"
+    """For ``auto``: per device, bytes, a share of its memory (``"80%"``) or a size (``"4GB"``); null: no limit."""
     uneven_microbatches: str = "allow"
     batchnorm: str = "microbatch"
     """BatchNormalization in a step: ``microbatch`` (ghost batches), ``deferred`` (moving statistics once
     per step from the whole mini-batch) or ``frozen`` (inference mode); see :mod:`pipeline.core.batchnorm`."""
+    replicas: int | None = None
+    """R, data-parallel copies of this pipeline (one process each, started by ``horovodrun -np R`` or ``srun``;
+    each drives the stage devices above). Checked against the launcher at start; null: whatever it started."""
 
 
 @dataclass(frozen=True)
@@ -293,10 +302,17 @@ def _check_data(cfg: Config) -> None:
 
 def _check_pipeline(cfg: Config) -> None:
     p = cfg.pipeline
-    _positive("pipeline.microbatches", p.microbatches)
-    _choice("pipeline.schedule", p.schedule, SCHEDULES)
+    try:  # "auto" settings and the memory budget (pipeline.perf.autoplan)
+        autoplan.check_settings("auto", p.microbatches, p.recompute, p.memory_budget)
+    except SettingError as err:
+        raise _rekey(err, f"pipeline.{err.setting}") from None
+    _choice("pipeline.schedule", p.schedule, (*SCHEDULES, "auto"))
     _choice("pipeline.batchnorm", p.batchnorm, BATCHNORM_MODES)
     _choice("pipeline.uneven_microbatches", p.uneven_microbatches, UNEVEN_POLICIES)
+    _positive("pipeline.replicas", p.replicas)
+    if isinstance(p.microbatches, str):  # auto
+        return
+    _positive("pipeline.microbatches", p.microbatches)
     if p.microbatches > cfg.data.batch_size:
         raise _fail("pipeline.microbatches", p.microbatches,
                     f"must be <= data.batch_size ({cfg.data.batch_size})")

@@ -279,11 +279,14 @@ def steps_per_epoch(num_examples: int, batch_size: int, requested: int | None = 
 
 
 def train_stream(train: tf.data.Dataset, batch_size: int, steps: int, seed: int, start_step: int = 0,
-                 end_epoch: int = 1, shuffle_buffer: int = 1024) -> tf.data.Dataset:
+                 end_epoch: int = 1, shuffle_buffer: int = 1024, shard: tuple[int, int] = (1, 0)) -> tf.data.Dataset:
     """The batches from global step ``start_step`` up to the end of epoch ``end_epoch - 1``.
 
     Epoch ``e`` is ``train`` shuffled with seed ``seed + e`` and cut into ``steps`` full batches,
-    so the stream is the same on every run and resuming at a step only skips batches.
+    so the stream is the same on every run and resuming at a step only skips batches. With
+    ``shard = (R, r)`` replica ``r`` takes the elements ``i = r mod R`` of the *shuffled* epoch, so
+    step ``s`` of the R replicas covers the same samples as step ``s`` of one process at batch
+    ``R * batch_size`` (a checkpoint resumes exactly with another R at the same global batch).
 
     Args:
         train: unbatched training examples in a fixed order.
@@ -293,11 +296,15 @@ def train_stream(train: tf.data.Dataset, batch_size: int, steps: int, seed: int,
         start_step: batches already consumed (the data position of a checkpoint).
         end_epoch: the stream stops at the end of this (exclusive) epoch.
         shuffle_buffer: shuffle buffer size.
+        shard: ``(number of replicas, this replica's rank)``; ``batch_size`` is per replica.
     """
+    from pipeline.dist import replicas
+
     first_epoch, offset = divmod(start_step, steps)
 
     def epoch(e: int) -> tf.data.Dataset:
         shuffled = train.shuffle(shuffle_buffer, seed=seed + e, reshuffle_each_iteration=False)
+        shuffled = replicas.shard(shuffled, shard[1], shard[0])  # after the shuffle: independent of R
         return shuffled.batch(batch_size, drop_remainder=True).take(steps)
 
     stream = None

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from pipeline.errors import DataError, SettingError, SplitError
 from pipeline.train.config import Config, dump
-from pipeline.train.typed_yaml import rekey
+from pipeline.train.typed_yaml import fail, rekey
 
 
 @contextlib.contextmanager
@@ -91,7 +91,8 @@ def build(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0)) -> Built:
     Args:
         cfg: a validated config.
         run_dir: the run folder (checkpoints go to ``run_dir/checkpoints``).
-        shard: ``(num_shards, index)`` of this data-parallel replica.
+        shard: ``(num_shards, index)`` of this data-parallel replica (``data`` stays whole: each replica takes
+            its elements of every shuffled epoch in :func:`pipeline.train.data.train_stream`).
     """
     from pipeline.core import devices as devices_lib  # TensorFlow starts here
 
@@ -115,7 +116,6 @@ def build(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0)) -> Built:
         tf.config.experimental.enable_op_determinism()
     with _under_key("data"):
         data = data_lib.load(cfg.data, cfg.seed)
-    data = data.shard(*shard)
     with _under_key("model"):
         model = models.build(cfg.model.name, data.input_shape, data.num_classes, **cfg.model.args)
     if cfg.split.cuts:
@@ -129,13 +129,23 @@ def build(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0)) -> Built:
         stages = [model]
     pipe = PipelineModel(stages, devices=device_names, microbatches=cfg.pipeline.microbatches,
                          schedule=cfg.pipeline.schedule, batchnorm=cfg.pipeline.batchnorm,
+                         recompute=cfg.pipeline.recompute, memory_budget=cfg.pipeline.memory_budget,
                          name=f"pipeline_{cfg.name}")
     loss = _loss(cfg)
     metrics = list(cfg.metrics) + ([_batch_loss_metric(loss)] if cfg.train.log_steps else [])
     pipe.compile(optimizer=_optimizer(cfg), loss=loss, metrics=metrics)
     pipe.build((None, *data.input_shape))
     pipe.optimizer.build(pipe.trainable_variables)
-    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), stages, pipe.optimizer, cfg.checkpoint.keep)
+    if pipe.auto_settings is not None:  # schedule/microbatches/recompute: auto, chosen on one real batch
+        from pipeline.dist import replicas
+        from pipeline.perf import autoplan_measure
+
+        sample = next(iter(data.train.batch(cfg.data.batch_size, drop_remainder=True)))[0]
+        with _under_key("pipeline"):
+            autoplan_measure.resolve_for_run(pipe, sample, run_dir, write=replicas.is_chief(),
+                                             divisible=cfg.pipeline.uneven_microbatches == "forbid")
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), stages, pipe.optimizer, cfg.checkpoint.keep,
+                                global_batch=shard[0] * cfg.data.batch_size, replicas=shard[0])
     return Built(data, model, stages, pipe, checkpointer, device_names)
 
 
@@ -222,6 +232,11 @@ def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, pree
     from pipeline.train.checkpoint import PREEMPTED_EXIT_CODE, CheckpointCallback, requeue_slurm_job
 
     chief = replicas.is_chief()  # only rank 0 writes the config copy, logs, metrics and checkpoints
+    if cfg.pipeline.replicas is not None and cfg.pipeline.replicas != replicas.size():
+        raise fail("pipeline.replicas", cfg.pipeline.replicas,
+                   f"but {replicas.size()} replica process(es) were started (backend {replicas.backend()}); start "
+                   f"{cfg.pipeline.replicas} (`horovodrun -np {cfg.pipeline.replicas} ...`, `srun --ntasks "
+                   f"{cfg.pipeline.replicas}` with PIPELINE_REPLICAS=horovod) or set pipeline.replicas to null")
     os.makedirs(run_dir, exist_ok=True)
     if chief:
         dump(cfg, os.path.join(run_dir, "config.yaml"))
@@ -236,7 +251,7 @@ def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, pree
     from pipeline.train import data as data_lib
 
     with _under_key("data", requested="train.steps_per_epoch"):
-        spe = data_lib.steps_per_epoch(b.data.num_train, cfg.data.batch_size, cfg.train.steps_per_epoch)
+        spe = data_lib.steps_per_epoch(b.data.num_train // shard[0], cfg.data.batch_size, cfg.train.steps_per_epoch)
     start, path = b.checkpointer.restore_latest() if cfg.checkpoint.enabled else (0, None)
     if path:
         saved_spe = int(b.checkpointer.steps_per_epoch.numpy())
@@ -245,9 +260,13 @@ def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, pree
                   "the data position is recomputed with the new value", flush=True)
         print(f"[pipeline] resumed from {path} at step {start} (epoch {start // spe + 1}, "
               f"batch {start % spe} of {spe})", flush=True)
+        saved = b.checkpointer.saved_meta  # the topology may differ: docs/scale_out.md (checkpoints)
+        if saved.get("samples", -1) >= 0:
+            print(f"[pipeline] data position {saved['samples']} samples, written by {saved['replicas']} replica(s) "
+                  f"at {saved['global_batch']} samples per step", flush=True)
     total = spe * cfg.train.epochs
     print(f"[pipeline] run folder {run_dir}: {len(b.stages)} stages on {b.devices}, "
-          f"{cfg.pipeline.microbatches} micro-batches, schedule {cfg.pipeline.schedule}, "
+          f"{b.pipeline.microbatches} micro-batches, schedule {b.pipeline.executor.schedule_name}, "
           f"{spe} steps/epoch x {cfg.train.epochs} epochs; {b.data.num_train} training, "
           f"{b.data.num_validation} validation, {b.data.num_test} test examples", flush=True)
     if cfg.train.validate and b.data.validation is None:
@@ -275,7 +294,8 @@ def _train(cfg: Config, run_dir: str, shard: tuple[int, int], reducer: Any, pree
     for first, steps in phases:
         last = first + 1 if steps != spe else cfg.train.epochs
         stream = data_lib.train_stream(b.data.train, cfg.data.batch_size, spe, cfg.seed, start_step=first * spe
-                                       + (spe - steps), end_epoch=last, shuffle_buffer=cfg.data.shuffle_buffer)
+                                       + (spe - steps), end_epoch=last, shuffle_buffer=cfg.data.shuffle_buffer,
+                                       shard=shard)  # replica r: elements r mod R of each shuffled epoch
         b.pipeline.fit(stream, epochs=last, initial_epoch=first, steps_per_epoch=steps, validation_data=validation,
                        callbacks=callbacks, verbose=cfg.train.verbose, shuffle=False)
         if ckpt_cb is not None and ckpt_cb.preempted:
