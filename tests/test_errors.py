@@ -57,12 +57,17 @@ def test_explicit_devices_wrong_count():
 
 def test_fewer_devices_than_stages_are_used_round_robin():
     """D devices for K stages (D divides K): stage s on devices[s % D] (virtual stages)."""
-    model = pipeline.PipelineModel(two_stages() + two_stages(), devices=["/CPU:0", "/CPU:1"])
+    import keras
+
+    def four():
+        return [keras.Sequential([keras.Input((8,)), keras.layers.Dense(8)]) for _ in range(4)]
+
+    model = pipeline.PipelineModel(four(), devices=["/CPU:0", "/CPU:1"])
     assert [s.device for s in model.stages] == ["/CPU:0", "/CPU:1", "/CPU:0", "/CPU:1"]
-    auto = pipeline.PipelineModel(two_stages() + two_stages(), virtual_stages=2)
+    auto = pipeline.PipelineModel(four(), virtual_stages=2)
     assert [s.device for s in auto.stages][2:] == [s.device for s in auto.stages][:2]
     with pytest.raises(devices.DeviceError, match=r"virtual_stages=3 does not divide the 4 stage\(s\)"):
-        pipeline.PipelineModel(two_stages() + two_stages(), virtual_stages=3)
+        pipeline.PipelineModel(four(), virtual_stages=3)
 
 
 def test_explicit_unknown_device():
