@@ -37,6 +37,18 @@ def build(devices) -> PipelineModel:
     return model
 
 
+def assert_equals_local_pipeline(got, what: str) -> None:
+    """``got`` (the trainer's saved ``.npz``: devices + trained weights) equals the same pipeline trained locally."""
+    assert {d.split("/device")[0] for d in got["devices"]} == {
+        "/job:worker/replica:0/task:0", "/job:worker/replica:0/task:1"}
+    local = build("cpu")
+    x, y = make_data()
+    local.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+    for i, v in enumerate(local.trainable_variables):
+        np.testing.assert_allclose(got[f"arr_{i}"], v.numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{v.path}: {what} differ from the local pipeline")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cluster", required=True)

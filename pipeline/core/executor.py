@@ -187,10 +187,11 @@ def generate(generator: Callable[..., sched.Schedule], num_stages: int, num_micr
              num_devices: int | None) -> sched.Schedule:
     """The training schedule: with ``num_devices`` for schedules that place several stages per device row.
 
-    Schedules with one row per stage (gpipe, 1f1b, zb_h1) still run on shared devices: the
-    executor chains the actions of all stages of a device in execution order.
+    A generator marked ``several_stages_per_device`` (interleaved_1f1b; a custom one may set it
+    too) gets D. Schedules with one row per stage (gpipe, 1f1b, zb_h1) still run on shared
+    devices: the executor chains the actions of all stages of a device in execution order.
     """
-    if num_devices is not None and generator is sched.GENERATORS.get("interleaved_1f1b"):
+    if num_devices is not None and getattr(generator, "several_stages_per_device", False):
         return generator(num_stages, num_microbatches, num_devices)
     return generator(num_stages, num_microbatches)
 

@@ -157,6 +157,10 @@ def interleaved_1f1b(num_stages: int, num_microbatches: int, num_devices: int | 
     return schedule
 
 
+interleaved_1f1b.several_stages_per_device = True  # type: ignore[attr-defined]
+"""Read by the executor: this generator takes ``num_devices`` and places stage s on row s % D."""
+
+
 def zb_h1(num_stages: int, num_microbatches: int, num_devices: int | None = None) -> Schedule:
     """ZB-H1 (zero bubble, Qi et al. 2023, handcrafted schedule 1): 1F1B with backward split in B and W.
 
