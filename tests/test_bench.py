@@ -11,7 +11,7 @@ from pipeline.perf import bench
 @pytest.fixture
 def in_process(monkeypatch):
     """Runs bench points in this process (threads/devices as the test session set them)."""
-    monkeypatch.setattr(bench, "run_point", lambda point, timeout=0: bench.POINTS[point["kind"]](point))
+    monkeypatch.setattr(bench, "run_point", lambda point, timeout=0, module=None: bench.POINTS[point["kind"]](point))
 
 
 def test_quick_bench_structure(in_process):

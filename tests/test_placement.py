@@ -102,12 +102,13 @@ def test_graph_mode_devices_follow_their_schedule_rows():
     for schedule, expected in (("1f1b", [4, 3, 2, 1]), ("gpipe", [8, 8, 8, 8])):
         piped = pipeline.PipelineModel(stages, microbatches=8, schedule=schedule)
         rows_of = [[str(a) for a in row] for row in piped.executor.train_schedule]
-        # The order is read from a profiler trace, where an action starts when its input arrived: on a loaded
-        # machine two adjacent forwards can be recorded crossed. A wrong order fails every measurement;
+        # The order is read from a profiler trace: on a loaded machine two adjacent forwards can be recorded
+        # crossed. A wrong order fails every measurement;
         # a measurement artifact does not repeat: up to three traces, every device must match in one of them.
         for _attempt in range(3):
             _, timeline, _ = run_measured(piped.stages, x, y, loss(), schedule, 8, steps=1)
-            per_stage = [sorted((iv for iv in timeline if iv.action.stage == s), key=lambda iv: iv.start)
+            # by end: each action's ops wait for the previous action's outputs (a few label-only ops may not)
+            per_stage = [sorted((iv for iv in timeline if iv.action.stage == s), key=lambda iv: iv.end)
                          for s in range(4)]
             if all([str(iv.action) for iv in rows] == rows_of[s] for s, rows in enumerate(per_stage)):
                 break

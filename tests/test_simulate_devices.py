@@ -141,6 +141,10 @@ def test_plan_cli_draws_interleaved_on_fewer_devices(tmp_path, capsys):
     predicted = json.loads(report.read_text())["predicted"]
     assert predicted["stage_rows"] == [0, 1, 0, 1] and predicted["peak_in_flight"] == [5, 3]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # 1F1B runs one stage per device: on 2 devices the plan is for the model cut into 2 stages of (10, 20) ms,
+    # (M + K - 1) * 30 ms = 150 ms, and says so.
     assert cli.main(["plan", "--costs", *["0.005,0.01"] * 4, "--microbatches", "4", "--schedule", "1f1b",
-                     "--devices", "2", "--png", str(png)]) != 0
-    assert "schedule '1f1b' runs one stage per device" in capsys.readouterr().err
+                     "--devices", "2", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "1f1b, M=4: predicted step 0.1500 s" in out
+    assert "one stage per device, so the model cut into 2 stages" in out

@@ -84,8 +84,11 @@ class Executor:
             deps = last.get(device, [])
             ctx = tf.control_dependencies(deps) if deps else contextlib.nullcontext()
             with ctx, tf.name_scope(f"act{action}"):  # ops named act1F0/...: readable in profiles
-                produced = step(action)
-            last[device] = [t for t in produced if t is not None] or deps
+                produced = [t for t in step(action) if t is not None]
+                if produced and not tf.executing_eagerly():
+                    last[device] = [done_marker(produced, device)]
+                elif produced:
+                    last[device] = produced
 
     @tf.autograph.experimental.do_not_convert  # plain Python building ops: AutoGraph would only slow it
     def train(self, x: Any, loss_fn: LossFn, training: bool = True, regularize: bool = True) -> StepResult:
@@ -115,10 +118,12 @@ class Executor:
             stage = self.stages[s]
             if action.op is sched.F:
                 inp = xs[j] if s == 0 else outputs.pop((s - 1, j))
+                before = len(stage.step_losses)
                 y = stage.forward(j, inp, training=training,
                                   loss_fn=loss_fn if stage.is_last else None)
                 outputs[(s, j)] = y
-                return tf.nest.flatten(y)
+                # the losses too: nothing downstream waits for their values, they are computed in F's turn
+                return tf.nest.flatten(y) + stage.step_losses[before:]
             if action.op is sched.W:
                 stage.backward_weight(j)
                 return [a for a in stage.gradients() if a is not None]
@@ -171,6 +176,18 @@ class Executor:
         self.run_actions(self.infer_schedule, step)
         with tf.device(self.stages[-1].device):
             return mb_lib.merge([outputs.pop((num_stages - 1, j)) for j in range(m)])
+
+
+def done_marker(produced: list[tf.Tensor], device: str) -> tf.Operation:
+    """One op that runs when every tensor in ``produced`` exists: what the device's next action waits for.
+
+    A control dependency on a function call op waits only for the function's stateful
+    ops once the runtime inlines the body; a data input waits for the value itself::
+
+        0F0 body ops --data--> IdentityN --ctrl--> 0F1
+    """
+    with tf.device(device):
+        return tf.raw_ops.IdentityN(input=produced)[0].op
 
 
 def shared_devices(stages: Sequence[Stage]) -> int | None:

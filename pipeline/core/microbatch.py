@@ -180,8 +180,12 @@ def microbatch_loss(loss: Callable[..., Any], y: Any, sample_weight: Any, num_mi
     traced = tf.function(compute, autograph=False, reduce_retracing=True)
 
     def loss_fn(j: int, y_pred: Any) -> tf.Tensor:
-        run = compute if tf.executing_eagerly() else traced
-        return run(ys[j], y_pred, weights[j])
+        if tf.executing_eagerly():
+            return compute(ys[j], y_pred, weights[j])
+        # Targets and weights through identities made here: under the executor's control dependencies,
+        # the inlined loss's label-only ops wait for the device's previous action like the rest.
+        fresh = lambda t: tf.identity(t) if isinstance(t, tf.Tensor) else t  # noqa: E731
+        return traced(tf.nest.map_structure(fresh, ys[j]), y_pred, tf.nest.map_structure(fresh, weights[j]))
 
     return loss_fn
 

@@ -43,7 +43,7 @@ def trace_actions(logdir: str) -> tuple[list[sim.Interval], dict[str, Any]]:
 
     Returns:
         The intervals (each action from its first op, or from when the action
-        it depends on ended if that is later, to its last op; seconds from the
+        its prerequisites ended if that is later, to its last op; seconds from the
         first action's start) and per-thread busy seconds plus the
         seconds during which two or more threads ran ops at once (``overlap``).
     """
@@ -60,14 +60,17 @@ def trace_actions(logdir: str) -> tuple[list[sim.Interval], dict[str, Any]]:
             continue
         for line in plane.lines:
             for event in line.events:
-                name = _action_of(plane.event_metadata[event.metadata_id].name)
+                full = plane.event_metadata[event.metadata_id].name
+                name = _action_of(full)
                 if name is None:
                     continue
                 start = line.timestamp_ns * 1e-9 + event.offset_ps * 1e-12
                 end = start + event.duration_ps * 1e-12
+                per_thread.setdefault(line.name, []).append((start, end))
+                if full.rsplit(":", 1)[-1] in _COPY_TYPES:  # a copy to the next device runs when the runtime
+                    continue  # gets to it: the transfer's time, not the action's
                 span = spans.setdefault(name, [start, end])
                 span[0], span[1] = min(span[0], start), max(span[1], end)
-                per_thread.setdefault(line.name, []).append((start, end))
     if not spans:
         raise MeasureError(f"the trace under {logdir!r} has no action ops (act<stage><op><microbatch>/...)")
     ends = {sched.Action.parse(a): e for a, (_, e) in spans.items()}
@@ -75,8 +78,9 @@ def trace_actions(logdir: str) -> tuple[list[sim.Interval], dict[str, Any]]:
     timeline = []
     for name, (start, end) in spans.items():
         action = sched.Action.parse(name)
-        # Ops that need no input (variable reads) run early; the action starts when its input exists.
-        ready = max([start] + [ends[d] for d in sched.dependencies(action, num_stages) if d in ends])
+        # Ops that need no input (variable reads, label casts) run early; the action starts when its
+        # prerequisites (the input, and for B its own F, for W its B) have finished.
+        ready = max([start] + [ends[d] for d in sched.prerequisites(action, num_stages) if d in ends])
         timeline.append(sim.Interval(action, min(ready, end), end))
     origin = min(iv.start for iv in timeline)
     timeline = sorted((sim.Interval(iv.action, iv.start - origin, iv.end - origin) for iv in timeline),
