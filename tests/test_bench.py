@@ -18,8 +18,9 @@ def test_quick_bench_structure(in_process):
     """Every section runs and reports what it claims to (figures that only restate a formula are not checked)."""
     cfg = dict(bench.QUICK, ms=[1, 8], mem_ms=[2, 4], batch=16, steps=1)
     lines = []
-    # The build and overlap sections have their own tests below.
-    out = bench.run(cfg, log=lines.append, sections=tuple(s for s in bench.SECTIONS if s not in ("build", "overlap")))
+    # The schedules, build and overlap sections have their own tests below.
+    out = bench.run(cfg, log=lines.append,
+                    sections=tuple(s for s in bench.SECTIONS if s not in ("schedules", "build", "overlap")))
     json.dumps(out)  # serializable
     assert set(out["overhead"]) == {"keras", "pipeline", "ratio"}
     rows = out["speedup"]["rows"]
@@ -115,6 +116,26 @@ def test_overlap_section_quick(in_process):
     assert unsplit["categories"]["forward"].get("1", 0) > 0  # the unsplit model's second half, same names
     assert sum(" of ideal " in line and "(runs: " in line for line in lines) == len(rows)  # one line per point
     assert any(line.startswith("  | accumulate |") for line in lines), lines
+
+
+def test_schedules_section_quick(in_process):
+    """ZB-H1 and interleaved 1F1B run against 1F1B at each M; the costs hold the measured weight-gradient part."""
+    lines = []
+    cfg = dict(bench.QUICK)
+    out = bench.run(cfg, log=lines.append, sections=("schedules",))
+    json.dumps(out)
+    rows = out["schedules"]["rows"]
+    assert sorted((r["schedule"], r["stages"], r["m"]) for r in rows) == sorted(
+        (s, k, m) for s, k in (("1f1b", 2), ("zb_h1", 2), ("interleaved_1f1b", 4)) for m in cfg["sched_ms"])
+    for r in rows:
+        assert r["step"] > 0 and r["predicted"] > 0
+        assert len(r["costs"]) == r["stages"]
+        for f, b, w in r["costs"]:
+            assert f > 0 and 0 <= w <= b  # W measured (not the half assumed), part of the backward
+    first = [r for r in rows if r["schedule"] == "zb_h1"][0]["costs"][0]
+    assert first[2] == first[1]  # stage 0 has no input gradient: its whole backward is W
+    assert any(line.startswith("  zb_h1 / 1f1b at M=") and "target <=" in line for line in lines), lines
+    assert any(line.startswith("  interleaved_1f1b / 1f1b at M=") for line in lines), lines
 
 
 def test_micro_batched_baseline_is_the_batch_step():

@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.core import runtime
 from pipeline.core import schedule as sched
-from pipeline.perf import bench_build, bench_overlap
+from pipeline.perf import bench_build, bench_overlap, bench_schedules
 from pipeline.perf import bench_points as points
 from pipeline.perf import simulate as sim
 
@@ -34,8 +34,8 @@ FULL = {"width": 256, "layers": 8, "batch": 2048, "steps": 6, "rounds": 2,
 QUICK = {"width": 64, "layers": 2, "batch": 32, "steps": 2, "rounds": 1,
          "ms": [1, 2], "mem_ms": [2, 4], "mem_micro": 4, "mem_width": 64,
          "cnn_batch": 2, "uneven_width": 64, "balance_batch": 32}
-FULL.update(bench_build.FULL, **bench_overlap.FULL)  # sizes of the "build" and "overlap" sections
-QUICK.update(bench_build.QUICK, **bench_overlap.QUICK)
+FULL.update(bench_build.FULL, **bench_overlap.FULL, **bench_schedules.FULL)  # sizes of sections with own modules
+QUICK.update(bench_build.QUICK, **bench_overlap.QUICK, **bench_schedules.QUICK)
 
 
 # ----------------------------------------------------------------------------- worker side (TensorFlow)
@@ -105,7 +105,7 @@ def _jacobian(p: dict[str, Any]) -> dict[str, Any]:
 
 POINTS = {"step": points.point_step, "overhead": points.overhead, "jacobian": _jacobian,
           "balance": points.balance_point, "build": bench_build.build_point,
-          "overlap": bench_overlap.overlap_point}
+          "overlap": bench_overlap.overlap_point, "schedule": bench_schedules.schedule_point}
 SECTION_HOOKS: dict[str, Any] = {}
 """Sections of higher layers, ``hook(cfg, out, log)``, registered at their import (pipeline.commands.bench_auto:
 "auto", which builds YAML configs; its points and sizes go into ``POINTS``/``FULL``/``QUICK`` too)."""
@@ -159,7 +159,7 @@ def _best(point: dict[str, Any], rounds: int, key: str = "step") -> dict[str, An
     return min(runs, key=lambda r: r[key])
 
 
-SECTIONS = ("overhead", "speedup", "memory", "jacobian", "balance", "build", "overlap", "auto")
+SECTIONS = ("overhead", "speedup", "memory", "jacobian", "balance", "schedules", "build", "overlap", "auto")
 
 
 def run(cfg: dict[str, Any], log: Any = print, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
@@ -187,6 +187,8 @@ def run(cfg: dict[str, Any], log: Any = print, sections: tuple[str, ...] = SECTI
         _section_jacobian(cfg, out, log)
     if "balance" in sections:
         _section_balance(cfg, out, log)
+    if "schedules" in sections:
+        bench_schedules.section_schedules(cfg, out, log, lambda point: _best(point, cfg["rounds"]))
     if "build" in sections:
         bench_build.section_build(cfg, out, log, lambda point: run_point(point))
     if "overlap" in sections:

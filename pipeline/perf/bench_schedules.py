@@ -1,0 +1,96 @@
+"""``pipeline bench`` section "schedules": ZB-H1 and interleaved 1F1B against 1F1B, measured and simulated.
+
+Each point runs in its own process on 2 logical CPU devices: one MLP of 2 x ``sched_layers`` Dense
+layers cut into K=2 stages (1F1B, ZB-H1) or K=4 stages placed round-robin (interleaved 1F1B, V=2
+stages per device). The point times real ``fit`` steps, then predicts the same step with the simulator
+from stage costs measured in that process (forward, backward and its weight-gradient part, each stage
+timed while the other device is busy) plus the step overhead measured at M=1::
+
+    1f1b   K=2 M=4  -> measured 1.00, predicted 1.00   (step times; ratios against 1f1b at the same M)
+    zb_h1  K=2 M=4  -> measured 0.93, predicted 0.91   target: measured <= predicted + 0.05
+    interl K=4 M=4  -> measured ..., predicted ...     target: predicted / measured within 10%
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from pipeline.perf import simulate as sim
+
+FULL = {"sched_width": 256, "sched_layers": 8, "sched_batch": 512, "sched_ms": [4, 8], "sched_steps": 6}
+QUICK = {"sched_width": 16, "sched_layers": 2, "sched_batch": 16, "sched_ms": [4], "sched_steps": 2}
+
+CASES = (("1f1b", 2), ("zb_h1", 2), ("interleaved_1f1b", 4))
+"""(schedule, stages K) of each point; every point runs on 2 devices."""
+
+
+def schedule_point(p: dict[str, Any]) -> dict[str, Any]:
+    """One schedule on 2 devices: median ``fit`` step, the simulator's prediction and the stage costs."""
+    import keras
+    import numpy as np
+
+    from pipeline.core import microbatch as mb_lib
+    from pipeline.core.model import PipelineModel
+    from pipeline.perf.bench_points import mlp
+    from pipeline.perf.measure import measure_stage_costs
+    from pipeline.perf.overhead import measure_step_overhead, time_fit_step
+
+    keras.utils.set_random_seed(0)
+    k, width, m = p["k"], p["width"], p["m"]
+    per_stage = 2 * p["layers"] // k
+    parts = [mlp(width, per_stage, f"s{i}") for i in range(k)]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(p["batch"], width)).astype("float32")
+    y = rng.normal(size=(p["batch"], width)).astype("float32")
+    model = PipelineModel(parts, devices=["/CPU:0", "/CPU:1"], microbatches=m, schedule=p["schedule"])
+    model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
+    step = time_fit_step(model, x, y, p["steps"])
+    costs = measure_stage_costs(model.stages, mb_lib.split(x, m)[0], repeats=8, calls=5, weights=True)
+    overhead = measure_step_overhead(model, x, y, steps=p["steps"], calls=5)
+    rows = model.executor.train_schedule
+    makespan = sim.simulate(rows, costs).makespan
+    return {"step": step, "predicted": makespan + overhead, "makespan": makespan, "overhead": overhead,
+            "devices": len(rows), "stages": k, "costs": [[c.forward, c.backward, c.weight] for c in costs]}
+
+
+def section_schedules(cfg: dict[str, Any], out: dict[str, Any], log: Callable[[str], None],
+                      best: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Runs every case at each M of ``cfg["sched_ms"]`` and logs measured and predicted ratios to 1F1B.
+
+    Args:
+        cfg: sizes (``sched_*`` keys).
+        out: results; ``out["schedules"]`` is set.
+        log: where progress lines go.
+        best: runs a point (in a fresh process) and returns its least disturbed result.
+    """
+    log(f"schedules: ZB-H1 and interleaved 1F1B (V=2) vs 1F1B on 2 devices, {2 * cfg['sched_layers']} x "
+        f"Dense({cfg['sched_width']}), batch {cfg['sched_batch']}; measured and simulated ...")
+    rows = []
+    for m in cfg["sched_ms"]:
+        results = {}
+        for schedule, k in CASES:
+            r = best({"kind": "schedule", "schedule": schedule, "k": k, "m": m, "width": cfg["sched_width"],
+                      "layers": cfg["sched_layers"], "batch": cfg["sched_batch"], "steps": cfg["sched_steps"],
+                      "threads": [1, 2], "devices": 2})
+            results[schedule] = r
+            log(f"  {schedule:<17} K={k} M={m}: measured {r['step']:.4f} s, predicted {r['predicted']:.4f} s "
+                f"(predicted/measured {r['predicted'] / r['step']:.2f}; makespan {r['makespan']:.4f} s + "
+                f"overhead {r['overhead']:.4f} s)")
+        base = results["1f1b"]
+        for schedule, r in results.items():
+            measured, predicted = r["step"] / base["step"], r["predicted"] / base["predicted"]
+            row = {"schedule": schedule, "stages": r["stages"], "m": m, "step": r["step"], "predicted": r["predicted"],
+                   "predicted_over_measured": r["predicted"] / r["step"], "ratio_to_1f1b": measured,
+                   "predicted_ratio_to_1f1b": predicted, "costs": r["costs"]}
+            rows.append(row)
+            if schedule == "1f1b":
+                continue
+            target = (f"target <= {predicted + 0.05:.3f}: {'met' if measured <= predicted + 0.05 else 'NOT met'}"
+                      if schedule == "zb_h1" else "reference")
+            log(f"  {schedule} / 1f1b at M={m}: measured {measured:.3f}, predicted {predicted:.3f} ({target})")
+    for row in rows:
+        row["within_10_percent"] = abs(row["predicted_over_measured"] - 1) <= 0.10
+    out["schedules"] = {"rows": rows}
+    missed = [f"{r['schedule']} M={r['m']}" for r in rows if not r["within_10_percent"]]
+    log("  simulator within 10% of the measured step: " + ("every point" if not missed else
+                                                            f"all but {', '.join(missed)}"))
