@@ -28,6 +28,7 @@ TWO = ["gpipe", "1f1b"]
 def _quick_timing(monkeypatch):
     """The tests check the wiring, not the timings: one short timed loop per stage and M."""
     monkeypatch.setattr(autoplan_measure, "MEASURE", {"repeats": 1, "calls": 1, "rounds": 1})
+    monkeypatch.setattr(autoplan_measure, "REFINE", {"top": 2, "within": 0.25, "steps": 1, "rounds": 1})
     monkeypatch.setattr(autoplan, "DEFAULT_MICROBATCHES", (1, 2, 4))
 
 
@@ -185,6 +186,47 @@ def test_auto_pipeline_model_trains_like_the_unsplit_model(capsys):
     out = capsys.readouterr().out
     assert "auto plan: " + choice.best.label() in out and "runner-up: " in out
     np.testing.assert_allclose(piped.predict(x, verbose=0), reference.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_refine_keeps_the_fastest_measured_finalist(monkeypatch):
+    """The plans predicted within 25% of the best are timed; the fastest measured is chosen, the rest follow."""
+    from pipeline.perf import autoplan_refine
+
+    choice = autoplan.choose(_profile(), schedules=TWO)
+    finalists = autoplan_refine.finalists(choice, top=3, within=0.25)
+    assert 2 <= len(finalists) <= 3 and finalists[0] is choice.best
+    assert all(c.step <= choice.best.step * 1.25 for c in finalists)
+    # the clock disagrees with the simulator: the last finalist is the fastest, the first the slowest
+    times = {c.label(): 1.0 + 0.1 * (len(finalists) - i) for i, c in enumerate(finalists)}
+    times[finalists[-1].label()] = 0.5
+    monkeypatch.setattr(autoplan_refine, "candidate_step", lambda stages, x, c: (lambda: c.label()))
+    refined = autoplan_refine.refine(choice, [], None, top=3, within=0.25, timer=lambda run: times[run()])
+    assert refined.best.label() == finalists[-1].label() and refined.best.measured == 0.5
+    assert refined.runner_up.measured == min(t for label, t in times.items() if label != finalists[-1].label())
+    assert len(refined.table) == len(choice.table) and {c.label() for c in refined.table} == {
+        c.label() for c in choice.table}
+    assert "(measured 0.5000 s)" in refined.summary() and " measured " in autoplan.format_table(refined)
+    untimed = autoplan_refine.refine(choice, [], None, top=1)  # one finalist: nothing to time
+    assert untimed is choice
+
+
+def test_auto_measurement_leaves_batchnorm_statistics_and_dropout_seeds_untouched():
+    """Timing runs use training mode; afterwards every variable (BN moving statistics, seed states) is as before."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, name="d1"),
+                              keras.layers.BatchNormalization(name="bn"), keras.layers.Dropout(0.3, name="drop"),
+                              keras.layers.Dense(3, name="out")])
+    piped = pipeline.PipelineModel(pipeline.split(model, cuts=["bn"]), devices="cpu", schedule="auto",
+                                   microbatches="auto")
+    x = _xy(16)[0] * 5 + 3  # far from BN's initial statistics (mean 0, variance 1)
+    piped.build((None, 6))
+    before = {v.path: v.numpy().copy() for s in piped.stages for v in s.layer.variables}
+    choice = piped.resolve_auto(x)
+    assert any(c.measured is not None for c in choice.table)  # finalists were run for real
+    after = {v.path: v.numpy() for s in piped.stages for v in s.layer.variables}
+    assert before.keys() == after.keys() and any("moving_mean" in p for p in before)
+    for path, value in before.items():
+        np.testing.assert_array_equal(after[path], value, err_msg=path)
 
 
 def test_fixed_settings_stay_fixed():

@@ -131,9 +131,9 @@ def test_schedules_section_quick(in_process):
         assert r["step"] > 0 and r["predicted"] > 0
         assert len(r["costs"]) == r["stages"]
         for f, b, w in r["costs"]:
-            assert f > 0 and 0 <= w <= b  # W measured (not the half assumed), part of the backward
-    first = [r for r in rows if r["schedule"] == "zb_h1"][0]["costs"][0]
-    assert first[2] == first[1]  # stage 0 has no input gradient: its whole backward is W
+            assert f > 0 and 0 <= w <= b  # W is part of the backward
+    zb = [r for r in rows if r["schedule"] == "zb_h1"][0]["costs"]
+    assert all(w != b / 2 for _, b, w in zb)  # W measured for the split backward, not the half assumed
     assert any(line.startswith("  zb_h1 / 1f1b at M=") and "target <=" in line for line in lines), lines
     assert any(line.startswith("  interleaved_1f1b / 1f1b at M=") for line in lines), lines
 

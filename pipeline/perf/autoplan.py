@@ -84,6 +84,8 @@ class Candidate:
     device_bytes: tuple[int, ...]
     bubble: float
     fits: bool = True
+    measured: float | None = None
+    """Seconds per step timed on the real stages (:mod:`pipeline.perf.autoplan_refine`; the finalists only)."""
 
     def label(self) -> str:
         """``"1f1b M=8 recompute"``."""
@@ -133,10 +135,11 @@ class Choice:
     def summary(self) -> str:
         """Two lines: the choice and the runner-up with predicted step times and peaks."""
         best = self.best
-        text = f"auto plan: {best.label()}, predicted step {best.step:.4f} s, peak {_mb(best.peak_bytes)}"
+        text = f"auto plan: {best.label()}, predicted step {best.step:.4f} s{_timed(best)}, peak {_mb(best.peak_bytes)}"
         if self.runner_up is not None:
             r = self.runner_up
-            text += f"\n  runner-up: {r.label()}, predicted step {r.step:.4f} s, peak {_mb(r.peak_bytes)}"
+            text += (f"\n  runner-up: {r.label()}, predicted step {r.step:.4f} s{_timed(r)}, "
+                     f"peak {_mb(r.peak_bytes)}")
         return text + f"\n  memory budget: {self.budget_note}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +149,10 @@ class Choice:
                 "runner_up": self.runner_up.to_dict() if self.runner_up else None,
                 "budget_bytes": self.budget, "budget": self.budget_note, "skipped": list(self.skipped),
                 "table": [c.to_dict() for c in self.table]}
+
+
+def _timed(c: Candidate) -> str:
+    return "" if c.measured is None else f" (measured {c.measured:.4f} s)"
 
 
 def _mb(n: int | None) -> str:
@@ -316,11 +323,13 @@ def choose(profile: Profile, budget: int | None = None, schedules: Sequence[str]
 
 def format_table(choice: Choice) -> str:
     """The candidates as a text table, best first, the choice and the runner-up marked."""
-    lines = [f"{'schedule':<17} {'M':>3} {'recompute':>9} {'step (s)':>10} {'bubble':>7} {'peak/device':>12}  fits"]
+    lines = [f"{'schedule':<17} {'M':>3} {'recompute':>9} {'step (s)':>10} {'measured':>9} {'bubble':>7} "
+             f"{'peak/device':>12}  fits"]
     for c in choice.table:
         mark = " <- chosen" if c is choice.best else (" <- runner-up" if c is choice.runner_up else "")
-        lines.append(f"{c.schedule:<17} {c.microbatches:>3} {str(c.recompute):>9} {c.step:>10.4f} {c.bubble:>7.1%} "
-                     f"{_mb(c.peak_bytes):>12}  {'yes' if c.fits else 'NO'}{mark}")
+        timed = "-" if c.measured is None else f"{c.measured:.4f}"
+        lines.append(f"{c.schedule:<17} {c.microbatches:>3} {str(c.recompute):>9} {c.step:>10.4f} {timed:>9} "
+                     f"{c.bubble:>7.1%} {_mb(c.peak_bytes):>12}  {'yes' if c.fits else 'NO'}{mark}")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from pipeline.core import autohook
 from pipeline.core import schedule as sched
 from pipeline.errors import SettingError, invalid
-from pipeline.perf import autoplan, measure
+from pipeline.perf import autoplan, autoplan_refine, measure
 
 SLOTS = {"adam": 2, "adamw": 2, "nadam": 2, "adamax": 2, "adadelta": 2, "ftrl": 2, "adafactor": 2, "lamb": 2,
          "lion": 1, "adagrad": 1, "rmsprop": 1, "sgd": 0}
@@ -26,6 +26,8 @@ SLOTS = {"adam": 2, "adamw": 2, "nadam": 2, "adamax": 2, "adadelta": 2, "ftrl": 
 PLAN_FILE = "plan.json"
 MEASURE = {"repeats": 5, "calls": 3, "rounds": 2}
 """How :func:`choose_for` times the stages (see :func:`measure_profile`); tests make it quicker."""
+REFINE = dict(autoplan_refine.REFINE)
+"""How :func:`choose_for` times the top predicted plans (:func:`pipeline.perf.autoplan_refine.refine`)."""
 
 
 def optimizer_slots(optimizer: Any) -> int:
@@ -120,7 +122,8 @@ def measure_split_costs(stages: Sequence[Any], x: Any, full: Sequence[Any], repe
         measure.wait_for(run_bw(inp))
     costs = []
     for i, ((inp, run_b, run_bw), cost) in enumerate(zip(loops, full)):
-        others = [(lambda fn=bw, a=a: fn(a)) for j, (a, _, bw) in enumerate(loops) if j != i] if under_load else []
+        others = ([(lambda fn=loops[j][2], a=loops[j][0]: fn(a)) for j in measure.loaders(stages, i)]
+                  if under_load else [])
         with measure.StageLoad(others):
             with_b = measure.median_time(lambda: run_b(inp), calls) / repeats
             with_bw = measure.median_time(lambda: run_bw(inp), calls) / repeats
@@ -203,7 +206,8 @@ def device_total(devices: Sequence[str]) -> tuple[int, str]:
 
 def choose_for(stages: Sequence[Any], x: Any, pending: autohook.AutoSettings, optimizer: Any = None,
                divisible: bool = False, overhead: float = 0.0) -> autoplan.Choice:
-    """Measures the stages on ``x`` and chooses the ``"auto"`` settings of ``pending`` (the others stay fixed)."""
+    """Measures the stages on ``x``, simulates, and times the top predicted plans: the ``"auto"`` settings of
+    ``pending`` (the others stay fixed)."""
     from pipeline.core import microbatch as mb_lib
 
     size = int(mb_lib.batch_size(x))
@@ -214,8 +218,10 @@ def choose_for(stages: Sequence[Any], x: Any, pending: autohook.AutoSettings, op
     recompute = (False, True) if autohook.is_auto(flags) else (bool(flags if isinstance(flags, bool) else any(flags)),)
     budget, note = autoplan.budget_bytes(pending.memory_budget, lambda: device_total([s.device for s in stages]))
     with_split = any(autoplan.splits_backward(name) for name in schedules)
-    profile = measure_profile(stages, x, ms, optimizer, with_split=with_split, **MEASURE)
-    return autoplan.choose(profile, budget, schedules, ms, recompute, overhead=overhead, budget_note=note)
+    with measure.variables_kept(stages):  # the timing runs train nothing: BN statistics, dropout seeds restored
+        profile = measure_profile(stages, x, ms, optimizer, with_split=with_split, **MEASURE)
+        choice = autoplan.choose(profile, budget, schedules, ms, recompute, overhead=overhead, budget_note=note)
+        return autoplan_refine.refine(choice, stages, x, **REFINE)
 
 
 def sample_batch(data: Any, batch_size: Any = None) -> Any:

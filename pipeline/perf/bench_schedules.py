@@ -3,8 +3,8 @@
 Each point runs in its own process on 2 logical CPU devices: one MLP of 2 x ``sched_layers`` Dense
 layers cut into K=2 stages (1F1B, ZB-H1) or K=4 stages placed round-robin (interleaved 1F1B, V=2
 stages per device). The point times real ``fit`` steps, then predicts the same step with the simulator
-from stage costs measured in that process (forward, backward and its weight-gradient part, each stage
-timed while the other device is busy) plus the step overhead measured at M=1::
+from stage costs measured in that process (forward and backward; for ZB-H1 the split backward's B and W
+as they run; each stage timed while the other device is busy) plus the step overhead measured at M=1::
 
     1f1b   K=2 M=4  -> measured 1.00, predicted 1.00   (step times; ratios against 1f1b at the same M)
     zb_h1  K=2 M=4  -> measured 0.93, predicted 0.91   target: measured <= predicted + 0.05
@@ -32,6 +32,7 @@ def schedule_point(p: dict[str, Any]) -> dict[str, Any]:
     from pipeline.core import microbatch as mb_lib
     from pipeline.core.model import PipelineModel
     from pipeline.perf.bench_points import mlp
+    from pipeline.perf.autoplan_measure import measure_split_costs
     from pipeline.perf.measure import measure_stage_costs
     from pipeline.perf.overhead import measure_step_overhead, time_fit_step
 
@@ -45,12 +46,16 @@ def schedule_point(p: dict[str, Any]) -> dict[str, Any]:
     model = PipelineModel(parts, devices=["/CPU:0", "/CPU:1"], microbatches=m, schedule=p["schedule"])
     model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
     step = time_fit_step(model, x, y, p["steps"])
-    costs = measure_stage_costs(model.stages, mb_lib.split(x, m)[0], repeats=8, calls=5, weights=True)
+    micro = mb_lib.split(x, m)[0]
+    costs = measure_stage_costs(model.stages, micro, repeats=8, calls=5)
+    if any(model.executor.split_backward):  # B and W as they run (one persistent tape, two gradient calls)
+        costs = measure_split_costs(model.stages, micro, costs, repeats=8, calls=5)
     overhead = measure_step_overhead(model, x, y, steps=p["steps"], calls=5)
     rows = model.executor.train_schedule
     makespan = sim.simulate(rows, costs).makespan
     return {"step": step, "predicted": makespan + overhead, "makespan": makespan, "overhead": overhead,
-            "devices": len(rows), "stages": k, "costs": [[c.forward, c.backward, c.weight] for c in costs]}
+            "devices": len(rows), "stages": k,
+            "costs": [[c.forward, c.backward, c.backward / 2 if c.weight is None else c.weight] for c in costs]}
 
 
 def section_schedules(cfg: dict[str, Any], out: dict[str, Any], log: Callable[[str], None],

@@ -9,12 +9,26 @@ the other stages keep their devices busy from background threads::
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from pipeline.perf import simulate as sim
+
+
+@contextlib.contextmanager
+def variables_kept(stages: Sequence[Any]) -> Iterator[None]:
+    """Within the block the stages run freely; afterwards every variable of their layers (weights,
+    BatchNorm statistics, dropout seed states) holds its value from before: timing runs never change training."""
+    variables = [v for stage in stages for v in stage.layer.variables]
+    saved = [v.numpy() for v in variables]
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, saved):
+            variable.assign(value)
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -61,9 +75,8 @@ def step_peak_mb(step: Callable[[], Any], device: str = "CPU:0") -> float | None
     return tf.config.experimental.get_memory_info(device)["peak"] / 2**20
 
 
-def _stage_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any, Callable, Callable, Callable]]:
-    """Per stage: its micro-batch input and three loop bodies of ``repeats`` runs: forward; forward+backward;
-    forward+input-gradient only (a split backward's B; on the first stage, no gradient at all).
+def _stage_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any, Callable, Callable]]:
+    """Per stage: its micro-batch input and two loop bodies (forward; forward+backward) of ``repeats`` runs.
 
     Each run's input depends on the previous run's outputs by a data edge, so
     grappler can neither drop a run (results used only by control edges become
@@ -93,15 +106,6 @@ def _stage_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any,
                 outs = tf.nest.flatten(layer(inp, training=True))
             return tape.gradient(outs, sources + variables, output_gradients=[tf.ones_like(o) for o in outs])
 
-        def forward_input_backward(inp, layer=layer, watch=watch):
-            sources = [t for t in tf.nest.flatten(inp) if t.dtype.is_floating] if watch else []
-            with tf.GradientTape() as tape:
-                tape.watch(sources)
-                outs = tf.nest.flatten(layer(inp, training=True))
-            if not sources:
-                return outs
-            return tape.gradient(outs, sources, output_gradients=[tf.ones_like(o) for o in outs])
-
         def loop(body: Callable, device: str = device, accumulate: int = 0) -> Callable[[Any], Any]:
             """``accumulate``: how many trailing outputs are weight gradients summed over runs, as a stage does."""
             def run(inp):
@@ -120,8 +124,7 @@ def _stage_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any,
 
         with tf.device(device):
             x = tf.nest.map_structure(tf.identity, x)
-        loops.append((x, loop(forward), loop(forward_backward, accumulate=len(variables)),
-                      loop(forward_input_backward)))
+        loops.append((x, loop(forward), loop(forward_backward, accumulate=len(variables))))
         with tf.device(device):
             x = layer(x, training=True)
     return loops
@@ -181,7 +184,7 @@ class StageLoad:
 
 
 def measure_stage_costs(stages: Sequence[Any], x: Any, repeats: int = 10, calls: int = 3,
-                        under_load: bool = True, weights: bool = False) -> list[sim.StageCost]:
+                        under_load: bool = True) -> list[sim.StageCost]:
     """Forward and backward seconds of each stage on its device for one micro-batch ``x``.
 
     Inside one ``tf.function`` the stage runs ``repeats`` times back to back,
@@ -206,41 +209,28 @@ def measure_stage_costs(stages: Sequence[Any], x: Any, repeats: int = 10, calls:
         repeats: stage runs per timed call.
         calls: timed calls; the median is kept.
         under_load: time each stage while the others run (default), or alone.
-        weights: also time forward + input gradient only, and give each stage's
-            weight-gradient cost W = backward - (that - forward): what a split
-            backward (``zb_h1``) runs as W. Without it, ``weight`` is ``None`` (half).
 
     Returns:
         One :class:`pipeline.simulate.StageCost` per stage.
     """
     import tensorflow as tf
 
-    loops = [(inp, tf.function(forward), tf.function(forward_backward), tf.function(input_backward))
-             for inp, forward, forward_backward, input_backward in _stage_loops(stages, x, repeats)]
-    for inp, run_f, run_fb, run_fib in loops:  # trace every loop before any timing
+    loops = [(inp, tf.function(forward), tf.function(forward_backward))
+             for inp, forward, forward_backward in _stage_loops(stages, x, repeats)]
+    for inp, run_f, run_fb in loops:  # trace every loop before any timing
         wait_for(run_f(inp))
         wait_for(run_fb(inp))
-        if weights:
-            wait_for(run_fib(inp))
     costs = []
-    for i, (inp, run_f, run_fb, run_fib) in enumerate(loops):
-        others = [(lambda fb=loops[j][2], a=loops[j][0]: fb(a)) for j in _loaders(stages, i)] if under_load else []
+    for i, (inp, run_f, run_fb) in enumerate(loops):
+        others = [(lambda fb=loops[j][2], a=loops[j][0]: fb(a)) for j in loaders(stages, i)] if under_load else []
         with StageLoad(others):
             f = median_time(lambda: run_f(inp), calls) / repeats
             fb = median_time(lambda: run_fb(inp), calls) / repeats
-            fib = median_time(lambda: run_fib(inp), calls) / repeats if weights else None
-        backward = max(fb - f, 0.0)
-        if fib is None:
-            weight = None
-        elif stages[i].index == 0:  # no input gradient: the whole backward is W
-            weight = backward
-        else:
-            weight = min(backward, max(fb - fib, 0.0))
-        costs.append(sim.StageCost(f, backward, weight))
+        costs.append(sim.StageCost(f, max(fb - f, 0.0)))
     return costs
 
 
-def _loaders(stages: Sequence[Any], timed: int) -> list[int]:
+def loaders(stages: Sequence[Any], timed: int) -> list[int]:
     """The stages that load the other devices while stage ``timed`` is timed: the first stage of each other
     device (stages that share a device never run at once: one load per device, not one per stage)."""
     first: dict[str, int] = {}
@@ -262,10 +252,10 @@ def contention_factor(stages: Sequence[Any], x: Any, repeats: int = 10, calls: i
 
     loops = _stage_loops(stages, x, repeats)
     alone = []
-    for inp, _, forward_backward, _ in loops:
+    for inp, _, forward_backward in loops:
         run = tf.function(forward_backward)
         alone.append(median_time(lambda: run(inp), calls))
-    together = tf.function(lambda inputs: [body(i) for (_, _, body, _), i in zip(loops, inputs)])
-    inputs = [inp for inp, _, _, _ in loops]
+    together = tf.function(lambda inputs: [body(i) for (_, _, body), i in zip(loops, inputs)])
+    inputs = [inp for inp, _, _ in loops]
     both = median_time(lambda: together(inputs), calls)
     return max(1.0, both / max(alone))

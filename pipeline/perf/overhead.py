@@ -143,13 +143,10 @@ def measure_step_overhead(model: Any, x: Any, y: Any, steps: int = 6, calls: int
     """
     from pipeline.perf import trace
 
+    from pipeline.perf.measure import variables_kept
+
     twin = _unpipelined_twin(model)
-    variables = [v for stage in model.stages for v in stage.layer.variables]
-    saved = [v.numpy() for v in variables]
-    try:
+    with variables_kept(model.stages):
         real = time_fit_step(twin, x, y, steps, calls)
         bare = trace.median_time(trace.executor_step(model.stages, x, y, model.loss, "gpipe", 1), 3 * steps)
-    finally:
-        for variable, value in zip(variables, saved):
-            variable.assign(value)
     return max(0.0, real - bare)
