@@ -78,6 +78,19 @@ def test_harness_gives_each_host_its_address_and_removes_leftovers():
     assert not [n for n in names if f"{n} " in after or f"{n}\n" in after or f": {n}" in links]
 
 
+def test_harness_tears_down_when_the_test_body_fails():
+    """A failure inside the block (an assertion, a crash) still removes every namespace, veth and the bridge."""
+    names = ()
+    with pytest.raises(RuntimeError, match="planted failure"):
+        with netns.network(2) as small:
+            a, b = small.hosts
+            names = (a.netns, b.netns, a.link, b.link, small.bridge)
+            raise RuntimeError("planted failure")
+    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert len(names) == 5 and not [n for n in names if f"{n} " in after or f"{n}\n" in after or f": {n}" in links]
+
+
 def test_worker_refuses_the_address_of_another_host(net, workers):
     _, procs = workers
     out, _ = procs[2].communicate(timeout=90)  # task 1 started in host c: the spec says it lives at b
