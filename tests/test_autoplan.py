@@ -196,6 +196,11 @@ def test_refine_keeps_the_fastest_measured_finalist(monkeypatch):
     finalists = autoplan_refine.finalists(choice, top=3, within=0.25)
     assert 2 <= len(finalists) <= 3 and finalists[0] is choice.best
     assert all(c.step <= choice.best.step * 1.25 for c in finalists)
+    assert [c.step for c in finalists] == sorted(c.step for c in finalists)
+    near = [c for c in choice.table if c.fits and c.step <= choice.best.step * 1.25]
+    ms = {c.microbatches for c in near}
+    # the best predicted plan of each M is timed before a second plan of any M
+    assert len({c.microbatches for c in finalists}) == min(3, len(ms))
     # the clock disagrees with the simulator: the last finalist is the fastest, the first the slowest
     times = {c.label(): 1.0 + 0.1 * (len(finalists) - i) for i, c in enumerate(finalists)}
     times[finalists[-1].label()] = 0.5

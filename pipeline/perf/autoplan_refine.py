@@ -1,10 +1,10 @@
 """The ``"auto"`` choice checked by the clock: the top predicted plans timed for a few real steps, the fastest kept.
 
 The simulator ranks every candidate from stage costs measured once; plans predicted within a few percent of
-each other are often ordered differently by a real run (copies, op dispatch, devices sharing cores). So the
-plans predicted within ``within`` of the best (at most ``top`` of them) are each built as a real pipelined
-step (forward and backward of every micro-batch, no optimizer update) and timed, and the fastest measured
-wins::
+each other are often ordered differently by a real run (copies, op dispatch, devices sharing cores, costs
+per micro-batch). So a few plans predicted within ``within`` of the best (at most ``top``: the best of each
+M first) are each built as a real pipelined step (forward and backward of every micro-batch, no optimizer
+update) and timed, and the fastest measured wins::
 
     simulate all -> [1f1b M=8 0.120 s, gpipe M=8 0.122 s, zb_h1 M=8 0.125 s, ...]
                       |  time 3 real steps each, same batch, interleaved rounds
@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from pipeline.perf import autoplan
 from pipeline.perf.measure import wait_for
 
-REFINE = {"top": 3, "within": 0.25, "steps": 3, "rounds": 2}
+REFINE = {"top": 4, "within": 0.5, "steps": 3, "rounds": 2}
 """Defaults of :func:`refine`: how many plans, how close to the best predicted, timed steps per round, rounds."""
 
 
@@ -59,9 +59,19 @@ def candidate_step(stages: Sequence[Any], x: Any, candidate: autoplan.Candidate)
 
 
 def finalists(choice: autoplan.Choice, top: int, within: float) -> list[autoplan.Candidate]:
-    """The fitting candidates predicted within ``within`` (a fraction) of the best, at most ``top``, best first."""
+    """At most ``top`` fitting candidates predicted within ``within`` (a fraction) of the best, best first.
+
+    The best predicted plan of each M comes first (in predicted order), then the other plans: the
+    simulator's error grows with M (per-micro-batch costs it does not model), so plans of several M are
+    timed rather than the near-copies of one.
+    """
     limit = choice.best.step * (1 + within)
-    return [c for c in choice.table if c.fits and c.step <= limit][:max(1, top)]
+    near = [c for c in choice.table if c.fits and c.step <= limit]
+    seen: set[int] = set()
+    per_m = [c for c in near if not (c.microbatches in seen or seen.add(c.microbatches))]
+    rest = [c for c in near if c not in per_m]
+    picked = (per_m + rest)[:max(1, top)]
+    return sorted(picked, key=near.index)
 
 
 def refine(choice: autoplan.Choice, stages: Sequence[Any], x: Any, top: int = REFINE["top"],
