@@ -365,3 +365,9 @@ def test_loss_scale_step_evolves_like_loss_scale_optimizer_apply():
         history.append(float(shim_opt.dynamic_scale.numpy()))
     assert history == [4.0, 8.0, 8.0, 4.0, 4.0, 8.0]
     assert int(shim_opt.iterations.numpy()) == 5
+
+
+def test_loss_scale_optimizer_methods_exist_in_this_keras():
+    """The methods whose override is refused are all defined by Keras' LossScaleOptimizer itself."""
+    for name in _compat.LOSS_SCALE_OPTIMIZER_METHODS:
+        assert callable(vars(keras.optimizers.LossScaleOptimizer).get(name)), name

@@ -19,6 +19,10 @@ TESTED_KERAS = ">=3.10,<3.16"
 
 SCOPE_KEYS = ("stateless_scope", "symbolic_scope")
 """Keras' global-state keys of ``keras.StatelessScope`` and ``keras.SymbolicScope``."""
+LOSS_SCALE_OPTIMIZER_METHODS = ("apply", "scale_loss", "check_finite", "_common_apply", "_tf_apply",
+                                "_stateful_handle_finite_grads", "_stateful_handle_non_finite_grads")
+"""The methods of ``keras.optimizers.LossScaleOptimizer`` (public and private) through which it scales the loss,
+checks and applies gradients: a subclass overriding one of them is refused (:mod:`pipeline.core.numerics`)."""
 
 
 def _broken(what: str, detail: str) -> CompatError:

@@ -21,10 +21,6 @@ _FOUND = re.compile(re.escape(MARK) + r" stage (\d+), micro-batch (\d+): (.*?) :
 RAISE, REPORT = "raise", "report"
 """Check modes: raise :class:`NumericsError`; or (under loss scaling) print the location and go on."""
 
-_LSO_METHODS = ("apply", "scale_loss", "check_finite", "_common_apply", "_tf_apply",
-                "_stateful_handle_finite_grads", "_stateful_handle_non_finite_grads")
-
-
 def loss_scale_optimizer(optimizer: Any) -> keras.optimizers.LossScaleOptimizer | None:
     """The optimizer if it is Keras' ``LossScaleOptimizer`` (mixed_float16), else ``None``.
 
@@ -35,7 +31,7 @@ def loss_scale_optimizer(optimizer: Any) -> keras.optimizers.LossScaleOptimizer 
     """
     if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         return None
-    changed = [name for name in _LSO_METHODS
+    changed = [name for name in _compat.LOSS_SCALE_OPTIMIZER_METHODS
                if getattr(type(optimizer), name, None) is not getattr(keras.optimizers.LossScaleOptimizer, name)]
     if changed:
         raise SettingError(
