@@ -98,12 +98,18 @@ def test_build_section_quick(in_process):
     assert any(line.startswith("  steady step M=4 / M=1") for line in lines), lines
 
 
-def test_overlap_section_quick(in_process):
-    """The sweep reports % of ideal per point, and the worst point's profile attributes ops to both stages."""
+def _quick_section(section):
+    """Runs one section at the QUICK sizes: (sizes, JSON-serializable results, logged lines)."""
     lines = []
     cfg = dict(bench.QUICK)
-    out = bench.run(cfg, log=lines.append, sections=("overlap",))
+    out = bench.run(cfg, log=lines.append, sections=(section,))
     json.dumps(out)
+    return cfg, out, lines
+
+
+def test_overlap_section_quick(in_process):
+    """The sweep reports % of ideal per point, and the worst point's profile attributes ops to both stages."""
+    cfg, out, lines = _quick_section("overlap")
     rows = out["overlap"]["rows"]
     assert sorted((r["width"], r["rows"]) for r in rows) == sorted(
         (w, r) for w in cfg["overlap_widths"] for r in cfg["overlap_rows"])
@@ -120,10 +126,7 @@ def test_overlap_section_quick(in_process):
 
 def test_schedules_section_quick(in_process):
     """ZB-H1 and interleaved 1F1B run against 1F1B at each M; the costs hold the measured weight-gradient part."""
-    lines = []
-    cfg = dict(bench.QUICK)
-    out = bench.run(cfg, log=lines.append, sections=("schedules",))
-    json.dumps(out)
+    cfg, out, lines = _quick_section("schedules")
     rows = out["schedules"]["rows"]
     assert sorted((r["schedule"], r["stages"], r["m"]) for r in rows) == sorted(
         (s, k, m) for s, k in (("1f1b", 2), ("zb_h1", 2), ("interleaved_1f1b", 4)) for m in cfg["sched_ms"])
@@ -131,9 +134,9 @@ def test_schedules_section_quick(in_process):
         assert r["step"] > 0 and r["predicted"] > 0
         assert len(r["costs"]) == r["stages"]
         for f, b, w in r["costs"]:
-            assert f > 0 and 0 <= w <= b  # W is part of the backward
-    zb = [r for r in rows if r["schedule"] == "zb_h1"][0]["costs"]
-    assert all(w != b / 2 for _, b, w in zb)  # W measured for the split backward, not the half assumed
+            assert f > 0 and b >= 0
+            # W measured for ZB-H1's split backward (part of it), not assumed; other schedules run no W
+            assert (0 <= w <= b) if r["schedule"] == "zb_h1" else w is None
     assert any(line.startswith("  zb_h1 / 1f1b at M=") and "target <=" in line for line in lines), lines
     assert any(line.startswith("  interleaved_1f1b / 1f1b at M=") for line in lines), lines
 
