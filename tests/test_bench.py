@@ -18,9 +18,9 @@ def test_quick_bench_structure(in_process):
     """Every section runs and reports what it claims to (figures that only restate a formula are not checked)."""
     cfg = dict(bench.QUICK, ms=[1, 8], mem_ms=[2, 4], batch=16, steps=1)
     lines = []
-    # The schedules, build and overlap sections have their own tests below.
+    # The schedules, build, overlap and auto sections have their own tests below.
     out = bench.run(cfg, log=lines.append,
-                    sections=tuple(s for s in bench.SECTIONS if s not in ("schedules", "build", "overlap")))
+                    sections=tuple(s for s in bench.SECTIONS if s not in ("schedules", "build", "overlap", "auto")))
     json.dumps(out)  # serializable
     assert set(out["overhead"]) == {"keras", "pipeline", "ratio"}
     rows = out["speedup"]["rows"]
@@ -45,6 +45,19 @@ def test_quick_bench_structure(in_process):
     assert out["balance"]["equal"]["stage_layers"] == [7, 6]
     assert sum(out["balance"]["time"]["stage_layers"]) == 13
     assert any(line.startswith("speedup:") for line in lines)
+
+
+def test_auto_section_quick(in_process):
+    """digits_cnn resolved as `pipeline train` does (finalists timed), then candidates timed one by one."""
+    from pipeline.commands import bench_auto  # noqa: F401 - registers the section
+
+    cfg, out, lines = _quick_section("auto")
+    auto = out["auto"]["digits_cnn"]
+    assert sum(c["measured"] is not None for c in auto["resolved"]["table"]) == cfg["auto_refine"]["top"]
+    assert auto["choice"] in auto["measured"] and len(auto["measured"]) >= cfg["auto_reduced"]["digits_cnn"]
+    best = min(auto["measured"].values())
+    assert auto["ratio"] == pytest.approx(auto["measured"][auto["choice"]] / best)
+    assert any("(target <= 1.05)" in line for line in lines), lines
 
 
 def test_gpipe_keeps_every_microbatch_alive():

@@ -29,7 +29,8 @@ FULL = {"auto_configs": ["digits_cnn", "resnet_synthetic"], "auto_reduced": {"di
         "auto_steps": 4, "auto_rounds": 3}
 """``auto_reduced``: configs whose candidates are too many to time all: the best N predicted plus, for every
 M, the best predicted candidate of that M (so every M is measured at least once)."""
-QUICK = {"auto_configs": ["digits_cnn"], "auto_reduced": {"digits_cnn": 3}, "auto_steps": 2, "auto_rounds": 1}
+QUICK = {"auto_configs": ["digits_cnn"], "auto_reduced": {"digits_cnn": 3}, "auto_steps": 2, "auto_rounds": 1,
+         "auto_refine": {"top": 2, "steps": 1, "rounds": 1}}
 
 
 def _load(name: str, overrides: list[str]) -> Any:
@@ -40,10 +41,16 @@ def _load(name: str, overrides: list[str]) -> Any:
 
 def resolve_point(p: dict[str, Any]) -> dict[str, Any]:
     """Worker: resolves ``auto`` for config ``p["config"]`` as ``pipeline train`` would; returns the choice."""
+    from pipeline.perf import autoplan_measure
     from pipeline.train import runner
 
     start = time.perf_counter()
-    built = runner.build(_load(p["config"], AUTO_SETTINGS), tempfile.mkdtemp(prefix="pipeline-bench-auto-"))
+    default = autoplan_measure.REFINE
+    autoplan_measure.REFINE = {**default, **(p.get("refine") or {})}  # QUICK: fewer, shorter timed finalists
+    try:
+        built = runner.build(_load(p["config"], AUTO_SETTINGS), tempfile.mkdtemp(prefix="pipeline-bench-auto-"))
+    finally:
+        autoplan_measure.REFINE = default
     choice = built.pipeline.auto_choice
     return {**choice.to_dict(), "resolve_s": time.perf_counter() - start, "devices": built.devices}
 
@@ -98,7 +105,7 @@ def section_auto(cfg: dict[str, Any], out: dict[str, Any], log: Callable[[str], 
     for name in cfg["auto_configs"]:
         devices = len(_load(name, []).split.cuts) + 1
         base = {"config": name, "threads": [1, 2], "devices": devices}
-        resolved = run_point({**base, "kind": "auto_resolve"})
+        resolved = run_point({**base, "kind": "auto_resolve", "refine": cfg.get("auto_refine")})
         set_ = _reduced(resolved["table"], cfg["auto_reduced"].get(name))
         label = "every fitting candidate" if cfg["auto_reduced"].get(name) is None else (
             f"reduced set: the best {cfg['auto_reduced'][name]} predicted + the best predicted of every M")
