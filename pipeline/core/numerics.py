@@ -21,6 +21,7 @@ _FOUND = re.compile(re.escape(MARK) + r" stage (\d+), micro-batch (\d+): (.*?) :
 RAISE, REPORT = "raise", "report"
 """Check modes: raise :class:`NumericsError`; or (under loss scaling) print the location and go on."""
 
+
 def loss_scale_optimizer(optimizer: Any) -> keras.optimizers.LossScaleOptimizer | None:
     """The optimizer if it is Keras' ``LossScaleOptimizer`` (mixed_float16), else ``None``.
 
