@@ -33,24 +33,21 @@ def candidate_step(stages: Sequence[Any], x: Any, candidate: autoplan.Candidate)
     import tensorflow as tf
 
     from pipeline.core.executor import Executor
-
-    executor = Executor(stages, candidate.schedule, candidate.microbatches)
+    from pipeline.perf.trace import compiled_step
 
     def loss_fn(j: int, y_pred: Any) -> tf.Tensor:  # noqa: ARG001 - the executor's loss signature
         floats = [tf.cast(t, tf.float32) for t in tf.nest.flatten(y_pred) if t.dtype.is_floating]
         return tf.add_n([tf.reduce_mean(tf.square(t)) for t in floats])
 
-    @tf.function
-    def step(inp: Any) -> Any:
-        result = executor.train(inp, loss_fn, regularize=False)
-        return result.loss, result.gradients
+    step = compiled_step(Executor(stages, candidate.schedule, candidate.microbatches), x, loss_fn,
+                         regularize=False)
 
     def run() -> Any:
         saved = [stage.recompute for stage in stages]
         for stage in stages:
             stage.recompute = candidate.recompute
         try:
-            return step(x)
+            return step()
         finally:
             for stage, flag in zip(stages, saved):
                 stage.recompute = flag

@@ -124,10 +124,18 @@ def executor_step(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: st
     loss_obj = keras.losses.get(loss) if isinstance(loss, str) else loss
     loss_fn = mb_lib.microbatch_loss(loss_obj, tf.convert_to_tensor(y), None, num_microbatches,
                                      mb_lib.batch_size(x))
+    return compiled_step(executor, x, loss_fn)
+
+
+def compiled_step(executor: Any, x: Any, loss_fn: Callable[[int, Any], Any],
+                  regularize: bool = True) -> Callable[[], Any]:
+    """``executor.train(x, loss_fn)`` as one ``tf.function`` (no optimizer): a function of no arguments
+    running one step (traced on its first call) and returning the loss and the accumulated gradients."""
+    import tensorflow as tf
 
     @tf.function
     def step(inp):
-        result = executor.train(inp, loss_fn)
+        result = executor.train(inp, loss_fn, regularize=regularize)
         return result.loss, result.gradients
 
     return lambda: step(x)
