@@ -107,14 +107,14 @@ LOSS = {"unet": "mse", "dict_inputs": {"cls": keras.losses.SparseCategoricalCros
 
 
 def _fit_both(name: str, m: int, schedule: str, cuts=None, num_stages=None, balance="params", steps=3, batch=4,
-              extra=0):
+              extra=0, recompute=False):
     """Fits the pipeline and the unsplit model from the same weights; returns both weight lists and losses."""
     model, reference = BUILD[name](), BUILD[name]()
     reference.set_weights(model.get_weights())
     x, y = _data(name, steps * batch + extra)  # extra < batch: a last, smaller batch
     sample = keras.tree.map_structure(lambda t: t[:batch], x) if balance == "time" else None
     stages = split(model, cuts=cuts, num_stages=num_stages, balance=balance, sample_input=sample)
-    piped = pipeline.PipelineModel(stages, devices="cpu", microbatches=m, schedule=schedule)
+    piped = pipeline.PipelineModel(stages, devices="cpu", microbatches=m, schedule=schedule, recompute=recompute)
     loss = LOSS.get(name, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     weights = {"cls": 1.0, "aux": 0.5} if isinstance(loss, dict) else None
     piped.compile(keras.optimizers.SGD(0.2), loss, loss_weights=weights)
@@ -146,6 +146,20 @@ def test_unet_balanced_into_k_stages_trains_like_the_unsplit_model(k, m, schedul
     stages, _, _ = _fit_both("unet", m, schedule, num_stages=k)
     assert len(stages) == k
     assert sum(s.count_params() for s in stages) == _unet().count_params()
+
+
+@pytest.mark.parametrize("name,cuts,batch,extra", [("unet", ["b"], 6, 2), ("encoder", ["ln0b"], 8, 3)])
+def test_looped_gpipe_carries_skips_masks_and_ids_with_uneven_and_short_batches(name, cuts, batch, extra, monkeypatch):
+    """GPipe with every stage recomputed runs as tick loops (pipeline.core.looped): several tensors cross
+    the cut through its TensorArrays; batch 6 at M=4 has uneven micro-batches (2, 2, 1, 1); the last batch
+    (extra < M samples) runs one sample at a time."""
+    from pipeline.core import looped
+
+    runs = []
+    real = looped.LoopedGPipe.train
+    monkeypatch.setattr(looped.LoopedGPipe, "train", lambda self, *a, **kw: runs.append(1) or real(self, *a, **kw))
+    _fit_both(name, 4, "gpipe", cuts=cuts, batch=batch, extra=extra, recompute=True)
+    assert runs  # the looped step was built (not the unrolled one)
 
 
 def test_unet_k4_by_params_keeps_every_stage_under_40_percent():

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from modelzoo import two_stage_mlp
+from pipeline.core import looped
 from pipeline.core import microbatch as mb_lib
 from pipeline.core import recompute
 from pipeline.core.model import PipelineModel
@@ -35,15 +36,21 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 @pytest.fixture
 def recomputed(monkeypatch):
-    """The layers that really went through ``recompute.call`` (so a comparison is not of two plain runs)."""
+    """The layers that really went through ``recompute.call``, or through the looped GPipe step, which
+    recomputes every stage (so a comparison is not of two plain runs)."""
     layers = []
-    real = recompute.call
+    real, real_looped = recompute.call, looped.LoopedGPipe.train
 
     def spy(layer, x, training=None):
         layers.append(layer.name)
         return real(layer, x, training=training)
 
+    def looped_spy(self, *args, **kwargs):
+        layers.extend(stage.layer.name for stage in self.stages)
+        return real_looped(self, *args, **kwargs)
+
     monkeypatch.setattr(recompute, "call", spy)
+    monkeypatch.setattr(looped.LoopedGPipe, "train", looped_spy)
     return layers
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import tensorflow as tf
 
+from pipeline.core import looped
 from pipeline.core import microbatch as mb_lib
 from pipeline.core import schedule as sched
 from pipeline.core.stage import LossFn, Stage
@@ -73,6 +74,14 @@ class Executor:
         """Per stage: whether its backward is split into B (input gradient) and W (weight gradient)."""
         self.infer_schedule = sched.forward_only(len(self.stages), self.num_microbatches)
         self.action_hook: ActionHook | None = None
+        self.unrolled = False
+        """True: always build the 2*K*M actions one by one (profiling per action needs them); False: a
+        GPipe step with every stage recomputed runs as tick loops (:mod:`pipeline.core.looped`)."""
+
+    def runs_looped(self) -> bool:
+        """Whether :meth:`train` builds the step as tick loops (graph size independent of M)."""
+        return not self.unrolled and looped.applies(self.stages, self.generator is sched.gpipe,
+                                                    tf.executing_eagerly())
 
     def run_actions(self, schedule: sched.Schedule, step: Callable[[sched.Action], list[tf.Tensor]]) -> None:
         """Builds (or, eagerly, runs) the actions, chaining each device's actions."""
@@ -110,6 +119,8 @@ class Executor:
         for stage, split in zip(self.stages, self.split_backward):
             stage.reset()
             stage.split_backward = split
+        if self.runs_looped():
+            return self.train_looped(x, loss_fn, training, regularize)
         outputs: dict[tuple[int, int], Any] = {}
         input_grads: dict[tuple[int, int], Any] = {}
 
@@ -158,6 +169,25 @@ class Executor:
             loss=tf.add_n(losses),
             gradients=[stage.gradients() for stage in self.stages],
         )
+
+    def train_looped(self, x: Any, loss_fn: LossFn, training: bool, regularize: bool) -> StepResult:
+        """:meth:`train` as tick loops (:class:`pipeline.core.looped.LoopedGPipe`)."""
+        unset = [stage for stage in self.stages if stage.batch_total is None]
+        for stage in unset:
+            stage.batch_total = mb_lib.batch_size(x)
+        try:
+            loss, gradients, y_pred = looped.LoopedGPipe(self.stages, self.num_microbatches).train(
+                x, loss_fn, training)
+        finally:
+            for stage in unset:
+                stage.batch_total = None
+        losses = [loss]
+        for stage, grads in zip(self.stages, gradients):
+            stage.grad_sums = list(grads)
+            stage.peak_in_flight = max(stage.peak_in_flight, self.num_microbatches)
+            if regularize and stage.add_regularization() is not None:
+                losses.append(stage.step_losses[-1])
+        return StepResult(y_preds=[y_pred], loss=tf.add_n(losses), gradients=[stage.gradients() for stage in self.stages])
 
     @tf.autograph.experimental.do_not_convert  # plain Python building ops: AutoGraph would only slow it
     def infer(self, x: Any) -> Any:

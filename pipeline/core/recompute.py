@@ -27,7 +27,7 @@ from pipeline.core import _compat
 from pipeline.errors import RecomputeError
 
 
-def _state(layer: keras.layers.Layer) -> list[Any]:
+def state_of(layer: keras.layers.Layer) -> list[Any]:
     """Non-trainable Keras variables whose values a forward may read and update.
 
     Keras lists its dropout seed-generator states among ``non_trainable_variables``
@@ -39,6 +39,20 @@ def _state(layer: keras.layers.Layer) -> list[Any]:
             seen.add(id(v))
             state.append(v)
     return state
+
+
+def refuse_call_losses(layer: keras.layers.Layer) -> None:
+    """Raises if ``layer``'s last call added losses: their gradients cannot pass a recomputed stage.
+
+    Raises:
+        RecomputeError: naming the layer and the ways out.
+    """
+    if _compat.call_losses(layer):
+        raise RecomputeError(
+            f"layer {layer.name!r} adds losses during its call (add_loss or an activity "
+            "regularizer); their gradients cannot pass a recomputed stage. Use recompute=False "
+            "for this stage or move the loss to the last stage."
+        )
 
 
 def call(layer: keras.layers.Layer, x: Any, training: bool | None = None) -> Any:
@@ -60,7 +74,7 @@ def call(layer: keras.layers.Layer, x: Any, training: bool | None = None) -> Any
         RecomputeError: if the call adds losses (``add_loss``/activity regularizers).
     """
     flat_x = [tf.convert_to_tensor(t) for t in tf.nest.flatten(x)]
-    state = _state(layer)
+    state = state_of(layer)
     snapshot = [tf.identity(v.value) for v in state]
     structure: list[Any] = []
 
@@ -72,12 +86,7 @@ def call(layer: keras.layers.Layer, x: Any, training: bool | None = None) -> Any
     @tf.custom_gradient
     def forward(*inputs: tf.Tensor):
         outputs = run(list(inputs))
-        if _compat.call_losses(layer):
-            raise RecomputeError(
-                f"layer {layer.name!r} adds losses during its call (add_loss or an activity "
-                "regularizer); their gradients cannot pass a recomputed stage. Use recompute=False "
-                "for this stage or move the loss to the last stage."
-            )
+        refuse_call_losses(layer)
 
         def grad(*upstream: tf.Tensor, variables: list[Any] | None = None):
             variables = list(variables or [])

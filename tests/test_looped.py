@@ -1,0 +1,116 @@
+"""GPipe with every stage recomputed runs as tick loops: the unsplit model's gradients and weights, and a
+step graph that does not grow with the micro-batch count M."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import pipeline
+from modelzoo import BUILDERS, data, loss, two_stage_mlp
+from pipeline.core import looped
+from pipeline.core import microbatch as mb_lib
+from pipeline.perf.bench_build import _graph_ops
+
+
+@pytest.fixture
+def looped_runs(monkeypatch):
+    """How many looped steps were built (a test of the looped path must not pass on the unrolled one)."""
+    runs = []
+    real = looped.LoopedGPipe.train
+
+    def spy(self, *args, **kwargs):
+        runs.append(self.num_microbatches)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(looped.LoopedGPipe, "train", spy)
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["cnn", "residual"])
+@pytest.mark.parametrize("k,m", [(2, 5), (3, 7), (4, 8), (3, 2), (2, 16)])
+def test_looped_gradients_equal_unsplit(kind, k, m, looped_runs):
+    """Fill, loop and drain ticks (M > K+1), all unrolled (M <= K+1), uneven micro-batches (16 / 5, 16 / 7)."""
+    build, cuts, _ = BUILDERS[kind]
+    stages = pipeline.split(build(), cuts=cuts[k])
+    x, y = data(kind, n=16)
+    model = pipeline.PipelineModel(stages, microbatches=m, schedule="gpipe", recompute=True)
+    report = pipeline.verify(model, x, y, loss())
+    assert looped_runs == [m]
+    assert report.ok, str(report)
+    assert abs(report.loss_pipelined - report.loss_unsplit) < 1e-5
+
+
+def _step_graph_ops(m: int, unrolled: bool) -> int:
+    stages = two_stage_mlp(12, (16, 16), 16, 10)
+    model = pipeline.PipelineModel(stages, microbatches=m, schedule="gpipe", recompute=True)
+    model.executor.unrolled = unrolled
+    x = tf.zeros((48, 12))
+    loss_fn = mb_lib.microbatch_loss(loss(), tf.zeros((48,), tf.int32), None, m, 48)
+
+    @tf.function
+    def step(inp):
+        return model.executor.train(inp, loss_fn).loss
+
+    return _graph_ops(step.get_concrete_function(x).graph)
+
+
+def test_step_graph_does_not_grow_with_m(looped_runs):
+    """The same ops (loop body included) at M=6 and M=24; the unrolled step of the same model grows."""
+    assert _step_graph_ops(6, unrolled=False) == _step_graph_ops(24, unrolled=False)
+    assert looped_runs == [6, 24]
+    assert _step_graph_ops(24, unrolled=True) > _step_graph_ops(6, unrolled=True) + 200  # 18 more micro-batches
+
+
+def _stateful(seed):
+    keras.utils.set_random_seed(seed)
+    a = keras.Sequential([keras.Input((12,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
+                          keras.layers.Activation("relu"), keras.layers.Dropout(0.3)], name="a")
+    b = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, activation="tanh"),
+                          keras.layers.Dropout(0.2), keras.layers.Dense(10)], name="b")
+    return [a, b]
+
+
+def test_looped_batchnorm_and_dropout_train_the_weights_of_the_unrolled_step(looped_runs):
+    """M=6 > K+1 (ticks in the loop): the same dropout masks and BatchNorm statistics, updated once per
+    micro-batch and in micro-batch order, as the unrolled GPipe step with recomputation."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(36, 12)).astype("float32"), rng.integers(0, 10, 36).astype("int32")
+    weights = []
+    for unrolled in (True, False):
+        stages = _stateful(seed=5)
+        model = pipeline.PipelineModel(stages, microbatches=6, schedule="gpipe", recompute=True)
+        model.executor.unrolled = unrolled
+        model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        keras.utils.set_random_seed(9)
+        model.fit(x, y, batch_size=12, epochs=2, shuffle=False, verbose=0)
+        weights.append([v.numpy() for s in stages for v in s.variables])
+    assert looped_runs  # the second fit ran looped
+    assert len(weights[0]) == 12  # moving mean and variance, both dropout seed states
+    for p, q in zip(*weights):
+        np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_with_a_short_last_batch_trains_the_unsplit_models_weights(looped_runs):
+    """30 samples in batches of 8 at M=4: the last batch of 6 has uneven micro-batches, sized at run time."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(30, 12)).astype("float32"), rng.integers(0, 10, 30).astype("int32")
+    stages = two_stage_mlp(12, (16, 16), 16, 10, seed=3)
+    reference = keras.Sequential(two_stage_mlp(12, (16, 16), 16, 10, seed=3))
+    model = pipeline.PipelineModel(stages, microbatches=4, schedule="gpipe", recompute=True)
+    for m in (model, reference):
+        m.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        m.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    assert looped_runs
+    for p, q in zip([v.numpy() for s in stages for v in s.variables], [v.numpy() for v in reference.variables]):
+        np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_other_schedules_and_partial_recompute_stay_unrolled(looped_runs):
+    stages = two_stage_mlp(12, (16, 16), 16, 10)
+    x, y = data("residual", n=16)[0][:, :12], data("residual", n=16)[1]
+    for schedule, flags in (("1f1b", True), ("gpipe", [True, False]), ("gpipe", False)):
+        report = pipeline.verify(pipeline.PipelineModel(stages, microbatches=8, schedule=schedule, recompute=flags),
+                                 x, y, loss())
+        assert report.ok, str(report)
+    assert looped_runs == []
