@@ -75,8 +75,13 @@ class Executor:
         self.infer_schedule = sched.forward_only(len(self.stages), self.num_microbatches)
         self.action_hook: ActionHook | None = None
         self.unrolled = False
+        self.prepare()
         """True: always build the 2*K*M actions one by one (profiling per action needs them); False: a
         GPipe step with every stage recomputed runs as tick loops (:mod:`pipeline.core.looped`)."""
+
+    def prepare(self) -> None:
+        """Makes what the step's trace must not create (the looped step's gradient buffers), once built."""
+        looped.prepare(self.stages, self.generator is sched.gpipe)
 
     def runs_looped(self) -> bool:
         """Whether :meth:`train` builds the step as tick loops (graph size independent of M)."""

@@ -70,14 +70,6 @@ class _Chain:
             self.tokens[s] = tf.raw_ops.IdentityN(input=[seed] + [t for t in produced if t is not None])[0]
 
 
-def _array(value: tf.Tensor, size: int, batched: bool) -> tf.TensorArray:
-    """A TensorArray of ``size`` values like ``value`` (batch dimension open when ``batched``)."""
-    shape = value.shape
-    element = (shape if not batched or shape.rank is None or shape.rank == 0
-               else tf.TensorShape([None, *shape[1:]]))
-    return tf.TensorArray(value.dtype, size=size, element_shape=element, infer_shape=False)
-
-
 class LoopedGPipe:
     """One training step of GPipe with re-materialization, as forward and backward tick loops.
 
@@ -119,29 +111,87 @@ class LoopedGPipe:
 
 
 class _Arrays:
-    """A flat list of TensorArrays (one per leaf of a nest), created on the first write."""
+    """One TensorArray per leaf of a nest, made on the first write on the device that reads it.
+
+    The arrays are TensorFlow's resource TensorArrays (``TensorArrayV3``): the data stays on the
+    array's device, and a loop carries only each array's float "flow" scalar, which orders the
+    reads after the writes. (A TF2 ``tf.TensorArray`` is a list value: a loop would carry the
+    whole list, and copy it whenever the loop's bookkeeping sits on another device.)
+    """
 
     def __init__(self, size: int, batched: bool = True):
         self.size = size
         self.batched = batched
-        self.arrays: list[tf.TensorArray | None] | None = None
+        """Values differ in their first (batch) dimension; else every value has the first one's shape."""
         self.structure: Any = None
+        self.handles: list[tf.Tensor | None] = []
+        self.flows: list[tf.Tensor | None] | None = None
+        self.shapes: list[tf.TensorShape | None] = []
+        self.dtypes: list[tf.DType | None] = []
 
     def write(self, j: Any, value: Any, device: str) -> None:
         flat = tf.nest.flatten(value)
-        if self.arrays is None:
-            self.structure = value
-            self.arrays = [None if t is None else _array(t, self.size, self.batched) for t in flat]
         with tf.device(device):
-            self.arrays = [a if t is None else a.write(j, t) for a, t in zip(self.arrays, flat)]
+            if self.flows is None:
+                self.structure = value
+                self.shapes = [None if t is None else self.element_shape(t) for t in flat]
+                self.dtypes = [None if t is None else t.dtype for t in flat]
+                made = [None if t is None else tf.raw_ops.TensorArrayV3(
+                    size=self.size, dtype=t.dtype, element_shape=shape, dynamic_size=False,
+                    clear_after_read=False, identical_element_shapes=not self.batched)
+                    for t, shape in zip(flat, self.shapes)]
+                self.handles = [None if pair is None else pair[0] for pair in made]
+                self.flows = [None if pair is None else pair[1] for pair in made]
+            self.flows = [f if t is None else tf.raw_ops.TensorArrayWriteV3(handle=h, index=j, value=t, flow_in=f)
+                          for h, f, t in zip(self.handles, self.flows, flat)]
+
+    def split(self, value: Any, sizes: tf.Tensor, device: str) -> None:
+        """Fills the arrays with ``value`` split along axis 0 into pieces of ``sizes`` (int64)."""
+        flat = tf.nest.flatten(value)
+        self.structure = value
+        self.shapes = [None if t is None else self.element_shape(t) for t in flat]
+        self.dtypes = [None if t is None else t.dtype for t in flat]
+        self.handles, self.flows = [], []
+        with tf.device(device):
+            for t, shape in zip(flat, self.shapes):
+                if t is None:
+                    self.handles.append(None)
+                    self.flows.append(None)
+                    continue
+                handle, flow = tf.raw_ops.TensorArrayV3(size=self.size, dtype=t.dtype, element_shape=shape,
+                                                        clear_after_read=False)
+                self.handles.append(handle)
+                self.flows.append(tf.raw_ops.TensorArraySplitV3(handle=handle, value=t, lengths=sizes, flow_in=flow))
+
+    def element_shape(self, value: tf.Tensor) -> tf.TensorShape:
+        shape = value.shape
+        if not self.batched or shape.rank is None or shape.rank == 0:
+            return shape
+        return tf.TensorShape([None, *shape[1:]])
 
     def read(self, j: Any, device: str) -> Any:
+        flat = []
         with tf.device(device):
-            flat = [None if a is None else a.read(j) for a in self.arrays]
+            for h, f, shape, dtype in zip(self.handles, self.flows, self.shapes, self.dtypes):
+                if h is None:
+                    flat.append(None)
+                    continue
+                value = tf.raw_ops.TensorArrayReadV3(handle=h, index=j, flow_in=f, dtype=dtype)
+                value.set_shape(shape)
+                flat.append(value)
         return tf.nest.pack_sequence_as(self.structure, flat)
 
     def concat_all(self) -> Any:
-        return tf.nest.pack_sequence_as(self.structure, [None if a is None else a.concat() for a in self.arrays])
+        flat = []
+        for h, f, shape, dtype in zip(self.handles, self.flows, self.shapes, self.dtypes):
+            if h is None:
+                flat.append(None)
+                continue
+            value, _ = tf.raw_ops.TensorArrayConcatV3(handle=h, flow_in=f, dtype=dtype,
+                                                      element_shape_except0=shape[1:] if shape.rank else None)
+            value.set_shape(shape)
+            flat.append(value)
+        return tf.nest.pack_sequence_as(self.structure, flat)
 
 
 class _Forward:
@@ -154,12 +204,24 @@ class _Forward:
         self.inputs = [_Arrays(m) for _ in range(k)]  # stage s >= 1: its input per micro-batch
         self.snapshots = [_Arrays(m, batched=False) for _ in range(k)]  # non-trainable state before each F
         self.outputs = _Arrays(m)  # the last stage's output per micro-batch
-        self.loss = tf.constant(0.0, tf.float32)
+        with tf.device(owner.stages[-1].device):
+            self.loss = tf.constant(0.0, tf.float32)
         self.states = [recompute_lib.state_of(stage.layer) for stage in owner.stages]
+        # The input and the targets split once, outside the loops, into arrays on the stage that reads them:
+        # a loop would send every tensor it captures through its control device at every tick.
+        sizes = tf.cast(tf.convert_to_tensor(mb_lib.sizes(mb_lib.batch_size(x), m)), tf.int64)
+        self.x_parts, self.target_parts = _Arrays(m), _Arrays(m)
+        self.x_parts.split(x, sizes, owner.stages[0].device)
+        self.target_parts.split(loss_fn.targets, sizes, owner.stages[-1].device)
+
+    def loss_of(self, j: tf.Tensor, y_pred: Any) -> tf.Tensor:
+        """The loss of micro-batch j (its share of the batch loss)."""
+        y_true, weight = self.target_parts.read(j, self.owner.stages[-1].device)
+        return self.loss_fn.of(y_true, y_pred, weight)
 
     def stage_input(self, s: int, j: Any) -> Any:
         if s == 0:
-            return mb_lib.take(self.x, j, self.owner.num_microbatches)
+            return self.x_parts.read(j, self.owner.stages[0].device)
         return self.inputs[s].read(j, self.owner.stages[s].device)
 
     def action(self, s: int, j: Any) -> None:
@@ -172,7 +234,7 @@ class _Forward:
             y, extra = stage.traced_calls.get(inp, self.training, recompute=False)(inp)
             if extra:
                 recompute_lib.refuse_call_losses(stage.layer)
-            scalars = [self.loss_fn.at(j, y)] if stage.is_last else []
+            scalars = [self.loss_of(j, y)] if stage.is_last else []
         produced = tf.nest.flatten(y) + scalars
         if scalars:
             with tf.device(stage.device):
@@ -183,9 +245,17 @@ class _Forward:
             self.inputs[s + 1].write(j, y, stages[s + 1].device)
         self.chain.done(s, produced)
 
-    def tick(self, t: Any, active: Sequence[int]) -> None:
-        for s in active:
-            self.action(s, t - s)
+    def index(self, s: int, t: int) -> int:
+        """The micro-batch stage s runs at forward tick t."""
+        return t - s
+
+    def order(self, active: Sequence[int]) -> list[int]:
+        """The stages of one tick in the order their actions are built (each feeds the next)."""
+        return list(active)
+
+    def tick(self, t: int, active: Sequence[int]) -> None:
+        for s in self.order(active):
+            self.action(s, self.index(s, t))
 
     def run(self) -> None:
         k, m = len(self.owner.stages), self.owner.num_microbatches
@@ -198,15 +268,15 @@ class _Forward:
             self.tick(t, [s for s in range(k) if 0 <= t - s < m])
 
     def loop_state(self) -> Any:
-        return (self.chain.tokens, [a.arrays for a in self.inputs], [a.arrays for a in self.snapshots],
-                self.outputs.arrays, self.loss)
+        return (self.chain.tokens, [a.flows for a in self.inputs], [a.flows for a in self.snapshots],
+                self.outputs.flows, self.loss)
 
     def set_loop_state(self, state: Any) -> None:
         tokens, inputs, snapshots, outputs, self.loss = state
         self.chain.tokens = list(tokens)
         for arrays, value in zip(self.inputs + self.snapshots, list(inputs) + list(snapshots)):
-            arrays.arrays = None if value is None else list(value)
-        self.outputs.arrays = list(outputs)
+            arrays.flows = None if value is None else list(value)
+        self.outputs.flows = list(outputs)
 
 
 class _Backward:
@@ -217,7 +287,8 @@ class _Backward:
         k, m = len(owner.stages), owner.num_microbatches
         self.chain = forward.chain  # each device's row goes on: all F, then all B
         self.cut_grads = [_Arrays(m) for _ in range(k)]  # stage s < K-1: gradient of its output per micro-batch
-        self.sums: list[list[tf.Tensor | None] | None] = [None] * k
+        self.connected: list[list[bool] | None] = [None] * k
+        """Per stage, per trainable variable: whether it has a gradient (known after the stage's first B)."""
 
     def vjp(self, s: int, j: tf.Tensor, inp: Any, snapshot: list[tf.Tensor], upstream: Any) -> list[Any]:
         """Stage s's backward of micro-batch j: the stage recomputed from ``inp`` under the state
@@ -228,7 +299,7 @@ class _Backward:
             with tf.GradientTape() as tape:
                 tape.watch([t for t in flat_in if t.dtype.is_floating])
                 y = stage.layer(inp, training=fwd.training)
-                targets = [fwd.loss_fn.at(j, y)] if stage.is_last else tf.nest.flatten(y)
+                targets = [fwd.loss_of(j, y)] if stage.is_last else tf.nest.flatten(y)
         out_grads = [] if upstream is None else list(tf.nest.flatten(upstream))
         scale = stage.loss_scale  # the loss starts from the loss scale under mixed_float16
         out_grads += [tf.ones_like(t) if scale is None else tf.cast(scale, t.dtype) * tf.ones_like(t)
@@ -245,16 +316,39 @@ class _Backward:
         with self.chain.wait(s), tf.device(stage.device):
             snapshot = fwd.snapshots[s].read(j, stage.device) if fwd.states[s] else []
             grads = self.vjp(s, j, inp, snapshot, upstream)
-            sums = self.sums[s] if self.sums[s] is not None else [None] * len(stage.trainable_variables)
-            self.sums[s] = stage.accumulator(sums, grads[num_in:])
+            updates = self.accumulate(s, grads[num_in:])
         if s > 0:
             self.cut_grads[s - 1].write(j, grads[:num_in], stages[s - 1].device)
-        self.chain.done(s, [g for g in grads if g is not None])
+        with tf.control_dependencies(updates):
+            self.chain.done(s, [g for g in grads[:num_in] if g is not None])
 
-    def tick(self, u: Any, active: Sequence[int]) -> None:
-        k = len(self.owner.stages)
-        for s in reversed(active):
-            self.action(s, u - (k - 1 - s))
+    def accumulate(self, s: int, grads: list[Any]) -> list[Any]:
+        """Adds one micro-batch's weight gradients into stage s's float32 buffers (the first B assigns).
+
+        The sums live in variables, not in loop variables: a loop variable per weight costs
+        control-flow ops in every tick."""
+        buffers = gradient_buffers(self.owner.stages[s])
+        first = self.connected[s] is None
+        if first:
+            self.connected[s] = [g is not None for g in grads]
+        updates = []
+        for buffer, g in zip(buffers, grads):
+            if g is not None:
+                value = tf.cast(tf.convert_to_tensor(g), tf.float32)
+                updates.append(buffer.assign(value, read_value=False) if first
+                               else buffer.assign_add(value, read_value=False))
+        return updates
+
+    def index(self, s: int, u: int) -> int:
+        """The micro-batch stage s runs at backward tick u (the last stage starts)."""
+        return u - (len(self.owner.stages) - 1 - s)
+
+    def order(self, active: Sequence[int]) -> list[int]:
+        return list(reversed(active))
+
+    def tick(self, u: int, active: Sequence[int]) -> None:
+        for s in self.order(active):
+            self.action(s, self.index(s, u))
 
     def run(self) -> None:
         k, m = len(self.owner.stages), self.owner.num_microbatches
@@ -268,32 +362,69 @@ class _Backward:
             self.tick(u, active(u))
 
     def loop_state(self) -> Any:
-        return (self.chain.tokens, [a.arrays for a in self.cut_grads], self.sums)
+        return (self.chain.tokens, [a.flows for a in self.cut_grads])
 
     def set_loop_state(self, state: Any) -> None:
-        tokens, cut_grads, self.sums = state
+        tokens, cut_grads = state
         self.chain.tokens = list(tokens)
         for arrays, value in zip(self.cut_grads, cut_grads):
-            arrays.arrays = None if value is None else list(value)
-        self.sums = [None if row is None else list(row) for row in self.sums]
+            arrays.flows = None if value is None else list(value)
 
     def gradients(self) -> list[list[Any]]:
-        return [row if row is not None else [None] * len(stage.trainable_variables)
-                for row, stage in zip(self.sums, self.owner.stages)]
+        """Per stage, the summed float32 gradient of each trainable variable (``None``: unconnected)."""
+        rows = []
+        for s, stage in enumerate(self.owner.stages):
+            with self.chain.wait(s), tf.device(stage.device):
+                rows.append([buffer.read_value() if connected else None
+                             for buffer, connected in zip(gradient_buffers(stage), self.connected[s])])
+        return rows
+
+
+def gradient_buffers(stage: Stage) -> list[tf.Variable]:
+    """Stage's float32 gradient-sum variables, one per trainable variable, made once on its device.
+
+    :func:`prepare` makes them before the step is traced (a variable made while tracing makes
+    ``tf.function`` trace the step twice)."""
+    buffers = getattr(stage, "looped_gradient_buffers", None)
+    if buffers is None or len(buffers) != len(stage.trainable_variables):
+        with tf.init_scope(), tf.device(stage.device):
+            buffers = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
+                                   name=f"gradient_sum_{i}") for i, v in enumerate(stage.trainable_variables)]
+        stage.looped_gradient_buffers = buffers
+    return buffers
+
+
+def prepare(stages: Sequence[Stage], gpipe: bool) -> None:
+    """Makes the gradient buffers of a looped step ahead of tracing, once every stage is built."""
+    if gpipe and all(stage.recompute for stage in stages) and all(stage.layer.built for stage in stages):
+        for stage in stages:
+            gradient_buffers(stage)
 
 
 def _loop(phase: Any, first: int, count: int, active: list[int]) -> None:
-    """Runs ``phase.tick(t, active)`` for t = first .. first + count - 1 in a ``tf.while_loop``."""
+    """Runs the ticks first .. first + count - 1 of ``phase`` in a ``tf.while_loop``.
 
+    Each stage counts its own micro-batch index on its own device: nothing but the loop
+    condition crosses devices per tick for the counting."""
     like = phase.loop_state()
+    order = phase.order(active)
+    devices = [phase.owner.stages[s].device for s in order]
+    starts = []
+    for s, device in zip(order, devices):
+        with tf.device(device):
+            starts.append(tf.constant(phase.index(s, first), tf.int32))
 
-    def body(t: tf.Tensor, *values: Any) -> tuple[Any, ...]:
+    def body(i: tf.Tensor, indices: list[tf.Tensor], *values: Any) -> tuple[Any, ...]:
         phase.set_loop_state(_with_nones(values, like))
-        phase.tick(t, active)
-        return (t + 1, *_no_nones(phase.loop_state()))
+        following = []
+        for s, j, device in zip(order, indices, devices):
+            phase.action(s, j)
+            with tf.device(device):
+                following.append(j + 1)
+        return (i + 1, following, *_no_nones(phase.loop_state()))
 
-    _, *final = tf.while_loop(lambda t, *_: t < first + count, body,
-                              (tf.constant(first), *_no_nones(like)), maximum_iterations=count)
+    _, _, *final = tf.while_loop(lambda i, *_: i < count, body,
+                                 (tf.constant(0), starts, *_no_nones(like)), maximum_iterations=count)
     phase.set_loop_state(_with_nones(final, like))
 
 

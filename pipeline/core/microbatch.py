@@ -75,26 +75,6 @@ def split(batch: Any, num_microbatches: int) -> list[Any]:
     ]
 
 
-def take(batch: Any, index: int | tf.Tensor, num_microbatches: int) -> Any:
-    """Micro-batch ``index`` of a nested batch (the pieces :func:`split` makes), for a tensor index too.
-
-    A loop over micro-batches (:mod:`pipeline.core.looped`) slices the batch with
-    this instead of holding M split pieces.
-    """
-    if batch is None:
-        return None
-    if num_microbatches == 1:
-        return batch
-    split_sizes = sizes(batch_size(batch), num_microbatches)
-    if isinstance(split_sizes, list) and isinstance(index, int):
-        start, size = sum(split_sizes[:index]), split_sizes[index]
-    else:
-        split_sizes = tf.convert_to_tensor(split_sizes)
-        start = tf.gather(tf.cumsum(split_sizes, exclusive=True), index)
-        size = tf.gather(split_sizes, index)
-    return tf.nest.map_structure(lambda t: None if t is None else t[start:start + size], batch)
-
-
 REDUCTIONS = {
     "sum_over_batch_size": "share",
     "mean": "share",
@@ -207,11 +187,9 @@ def microbatch_loss(loss: Callable[..., Any], y: Any, sample_weight: Any, num_mi
         fresh = lambda t: tf.identity(t) if isinstance(t, tf.Tensor) else t  # noqa: E731
         return traced(tf.nest.map_structure(fresh, ys[j]), y_pred, tf.nest.map_structure(fresh, weights[j]))
 
-    def at(j: int | tf.Tensor, y_pred: Any) -> tf.Tensor:
-        """The loss of micro-batch ``j`` given as a tensor (inside a loop over micro-batches)."""
-        return traced(take(y, j, num_microbatches), y_pred, take(sample_weight, j, num_microbatches))
-
-    loss_fn.at = at  # type: ignore[attr-defined]
+    # A loop over micro-batches (pipeline.core.looped) slices the targets itself and calls the loss on them.
+    loss_fn.targets = (y, sample_weight)  # type: ignore[attr-defined]
+    loss_fn.of = traced  # type: ignore[attr-defined]  # (y_true_j, y_pred_j, weight_j) -> scalar
     return loss_fn
 
 

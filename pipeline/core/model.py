@@ -148,6 +148,7 @@ class PipelineModel(autohook.AutoMixin, keras.Model):
                                               input_shape)
         for stage in self.pipeline_stages:
             spec = _build_stage(stage, spec, self.pipeline_stages)
+        self.executor.prepare()
         self.built = True
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
