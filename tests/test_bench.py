@@ -97,18 +97,22 @@ def test_unknown_section(capsys):
 
 
 def test_build_section_quick(in_process):
-    """First fit, peak RSS, steady step and traced ops per M, and the ratio lines the issue asks for."""
+    """Per build mode: first fit, peak RSS, steady step and traced ops per M, and the ratio lines the issue asks for."""
     lines = []
     out = bench.run(dict(bench.QUICK), log=lines.append, sections=("build",))
     json.dumps(out)
-    rows = out["build"]["rows"]
-    assert [r["m"] for r in rows] == bench.QUICK["build_ms"]
-    for r in rows:
-        assert r["first"] > 0 and r["rss_mb"] > 0 and r["step"] > 0, r
-        assert r["ops"] > 0 and r["actions"] >= 2 * out["build"]["k"], r  # the hook saw the traced step graph
-    assert any(line.startswith("  first-step ratio M=4 / M=1:") for line in lines), lines
-    assert any(line.startswith("  peak RSS growth M=1 -> M=4:") for line in lines), lines
-    assert any(line.startswith("  steady step M=4 / M=1") for line in lines), lines
+    modes = out["build"]["modes"]
+    assert list(modes) == bench.QUICK["build_modes"] == ["1f1b", "looped"]
+    for mode, res in modes.items():
+        assert [r["m"] for r in res["rows"]] == bench.QUICK["build_ms"]
+        for r in res["rows"]:
+            assert r["first"] > 0 and r["rss_mb"] > 0 and r["step"] > 0, r
+            assert r["ops"] > 0, r  # the step's graph was seen
+    assert all(r["actions"] >= 2 * out["build"]["k"] for r in modes["1f1b"]["rows"])  # unrolled: the actions
+    assert modes["looped"]["rows"][-1]["actions"] == 0  # looped at M=4 > K+1: no unrolled actions
+    assert any(line.startswith("    first-step ratio M=4 / M=1:") for line in lines), lines
+    assert any(line.startswith("    peak RSS growth M=1 -> M=4:") for line in lines), lines
+    assert any(line.startswith("    steady step M=4 / M=1") for line in lines), lines
 
 
 def _quick_section(section):

@@ -16,9 +16,11 @@ from typing import Any, Callable
 from pipeline.perf.bench_points import mlp, peak_rss_mb
 
 # The issue's model: 6 x Dense(64) per stage, 1F1B; K=2 logical CPUs on this 2-core machine (--build-k).
-FULL = {"build_k": 2, "build_ms": [4, 16, 64], "build_width": 64, "build_layers": 6, "build_batch": 256,
+FULL = {"build_k": 2, "build_ms": [4, 16, 64], "build_modes": ["1f1b", "looped", "gpipe_unrolled"],
+        "build_width": 64, "build_layers": 6, "build_batch": 256,
         "build_steps": 4, "resnet": False, "resnet_batch": 32, "resnet_ms": [1, 16]}
-QUICK = {"build_k": 2, "build_ms": [1, 4], "build_width": 16, "build_layers": 2, "build_batch": 8,
+QUICK = {"build_k": 2, "build_ms": [1, 4], "build_modes": ["1f1b", "looped"],
+         "build_width": 16, "build_layers": 2, "build_batch": 8,
          "build_steps": 2, "resnet": False, "resnet_batch": 4, "resnet_ms": [1, 2]}
 
 
@@ -29,20 +31,25 @@ def _graph_ops(graph: Any) -> int:
 
 
 def _count_hook(model: Any) -> dict[str, Any]:
-    """Records the graph the executor builds its actions in (through ``Executor.action_hook``)."""
+    """Records the graph the executor builds its step in, and the unrolled actions (``Executor.action_hook``)."""
     import tensorflow as tf
 
     seen: dict[str, Any] = {"graph": None, "actions": 0}
 
     def hook(action: Any) -> None:
-        graph = tf.compat.v1.get_default_graph()
-        if seen["graph"] is None and not tf.executing_eagerly():
-            seen["graph"] = graph
         seen["actions"] += 1
 
     executor = getattr(model, "executor", None)
     if executor is not None and hasattr(executor, "action_hook"):
         executor.action_hook = hook
+        train = executor.train
+
+        def recording_train(*args: Any, **kwargs: Any) -> Any:
+            if seen["graph"] is None and not tf.executing_eagerly():
+                seen["graph"] = tf.compat.v1.get_default_graph()
+            return train(*args, **kwargs)
+
+        executor.train = recording_train
     return seen
 
 
@@ -90,7 +97,9 @@ def build_point(p: dict[str, Any]) -> dict[str, Any]:
     from pipeline.perf.overhead import time_fit_step
 
     stages, x, y, loss = (_resnet if p["model"] == "resnet" else _dense)(p)
-    model = PipelineModel(stages, microbatches=p["m"], schedule=p.get("schedule", "1f1b"))
+    model = PipelineModel(stages, microbatches=p["m"], schedule=p.get("schedule", "1f1b"),
+                          recompute=p.get("recompute", False))
+    model.executor.unrolled = p.get("unrolled", False)
     model.compile(optimizer=keras.optimizers.SGD(1e-4), loss=loss)
     seen = _count_hook(model)
     rss_before = peak_rss_mb()
@@ -110,17 +119,23 @@ def build_point(p: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def section_build(cfg: dict[str, Any], out: dict[str, Any], log: Callable[[str], None],
-                  run_point: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """Runs the "build" section: dense model at each M of ``cfg["build_ms"]``, ResNet50 if ``cfg["resnet"]``."""
-    k, ms = cfg["build_k"], cfg["build_ms"]
-    base = {"kind": "build", "model": "dense", "k": k, "width": cfg["build_width"], "layers": cfg["build_layers"],
-            "batch": cfg["build_batch"], "steps": cfg["build_steps"], "threads": [1, 2], "devices": k}
-    log(f"build: first fit call (trace + one step) and peak RSS per process, K={k}, "
-        f"{cfg['build_layers']} x Dense({cfg['build_width']}) per stage, batch {cfg['build_batch']}, 1F1B ...")
+MODES = {
+    "1f1b": ({"schedule": "1f1b"}, "1F1B, unrolled actions (2*K*M in the step graph)"),
+    "looped": ({"schedule": "gpipe", "recompute": True}, "GPipe + recompute as tick loops (pipeline.core.looped)"),
+    "gpipe_unrolled": ({"schedule": "gpipe", "recompute": True, "unrolled": True},
+                       "GPipe + recompute, unrolled actions (the looped step's reference)"),
+}
+"""The step builds the build section compares: name -> (point settings, description)."""
+
+
+def _sweep(mode: str, base: dict[str, Any], ms: list[int], rounds: int, log: Callable[[str], None],
+           run_point: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """One build mode at every M: the best of ``rounds`` processes per M, and the M-growth ratios."""
+    settings, description = MODES[mode]
+    log(f"  {mode}: {description}")
     rows = []
     for m in ms:
-        runs = [run_point({**base, "m": m}) for _ in range(max(1, cfg["rounds"]))]
+        runs = [run_point({**base, **settings, "m": m}) for _ in range(max(1, rounds))]
         best = min(runs, key=lambda r: r["first"])
         steady = [r["step"] for r in runs if r["step"] is not None]
         row = {"m": m, "first": best["first"], "firsts": [r["first"] for r in runs],
@@ -128,17 +143,37 @@ def section_build(cfg: dict[str, Any], out: dict[str, Any], log: Callable[[str],
                "ops": best["ops"], "ops_per_microbatch": best["ops_per_microbatch"], "actions": best["actions"]}
         rows.append(row)
         ops = "n/a" if row["ops"] is None else f"{row['ops']} ({row['ops_per_microbatch']:.0f} per micro-batch)"
-        log(f"  M={m:<3} first fit {row['first']:7.2f} s (runs: " + ", ".join(f"{t:.2f}" for t in row["firsts"])
+        log(f"    M={m:<3} first fit {row['first']:7.2f} s (runs: " + ", ".join(f"{t:.2f}" for t in row["firsts"])
             + f")  peak RSS {row['rss_mb']:6.0f} MB  steady step "
             + ("n/a" if row["step"] is None else f"{row['step']:.4f} s") + f"  traced ops {ops}")
     lo, hi = rows[0], rows[-1]
-    res: dict[str, Any] = {"k": k, "rows": rows, "first_ratio": hi["first"] / lo["first"],
+    res: dict[str, Any] = {"rows": rows, "first_ratio": hi["first"] / lo["first"],
                            "rss_growth": hi["rss_mb"] / lo["rss_mb"] - 1}
-    log(f"  first-step ratio M={hi['m']} / M={lo['m']}: {res['first_ratio']:.2f} (target <= 2.0)")
-    log(f"  peak RSS growth M={lo['m']} -> M={hi['m']}: {res['rss_growth']:+.1%} (target < +15%)")
+    log(f"    first-step ratio M={hi['m']} / M={lo['m']}: {res['first_ratio']:.2f} (target <= 2.0)")
+    log(f"    peak RSS growth M={lo['m']} -> M={hi['m']}: {res['rss_growth']:+.1%} (target < +15%)")
     if lo["step"] and hi["step"]:
         res["step_ratio"] = hi["step"] / lo["step"]  # same batch at every M: per sample = per step
-        log(f"  steady step M={hi['m']} / M={lo['m']} (same batch, so also per sample): {res['step_ratio']:.2f}")
+        log(f"    steady step M={hi['m']} / M={lo['m']} (same batch, so also per sample): {res['step_ratio']:.2f}")
+    return res
+
+
+def section_build(cfg: dict[str, Any], out: dict[str, Any], log: Callable[[str], None],
+                  run_point: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Runs the "build" section: the dense model in each of ``cfg["build_modes"]`` at each M of
+    ``cfg["build_ms"]``; the looped step's steady step against its unrolled reference; ResNet50 if
+    ``cfg["resnet"]``."""
+    k, ms = cfg["build_k"], cfg["build_ms"]
+    base = {"kind": "build", "model": "dense", "k": k, "width": cfg["build_width"], "layers": cfg["build_layers"],
+            "batch": cfg["build_batch"], "steps": cfg["build_steps"], "threads": [1, 2], "devices": k}
+    log(f"build: first fit call (trace + one step) and peak RSS per process, K={k}, "
+        f"{cfg['build_layers']} x Dense({cfg['build_width']}) per stage, batch {cfg['build_batch']} ...")
+    modes = {mode: _sweep(mode, base, ms, cfg["rounds"], log, run_point) for mode in cfg["build_modes"]}
+    res: dict[str, Any] = {"k": k, "modes": modes}
+    if "looped" in modes and "gpipe_unrolled" in modes:
+        pairs = zip(modes["looped"]["rows"], modes["gpipe_unrolled"]["rows"])
+        res["looped_step_ratio"] = {a["m"]: a["step"] / b["step"] for a, b in pairs if a["step"] and b["step"]}
+        log("  steady step, looped / unrolled GPipe + recompute (same run): " + ", ".join(
+            f"M={m} {r:.2f}" for m, r in res["looped_step_ratio"].items()))
     if cfg.get("resnet"):
         rbase = {"kind": "build", "model": "resnet", "k": 4, "batch": cfg["resnet_batch"], "steps": 0,
                  "threads": [0, 0], "devices": 4}
