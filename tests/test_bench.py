@@ -109,10 +109,11 @@ def test_build_section_quick(in_process):
             assert r["first"] > 0 and r["rss_mb"] > 0 and r["step"] > 0, r
             assert r["ops"] > 0, r  # the step's graph was seen
     assert all(r["actions"] >= 2 * out["build"]["k"] for r in modes["1f1b"]["rows"])  # unrolled: the actions
-    assert modes["looped"]["rows"][-1]["actions"] == 0  # looped at M=4 > K+1: no unrolled actions
-    assert any(line.startswith("    first-step ratio M=4 / M=1:") for line in lines), lines
-    assert any(line.startswith("    peak RSS growth M=1 -> M=4:") for line in lines), lines
-    assert any(line.startswith("    steady step M=4 / M=1") for line in lines), lines
+    assert modes["looped"]["rows"][-1]["actions"] == 0  # M=6 = K + 4: tick loops, no unrolled actions
+    lo, hi = bench.QUICK["build_ms"]
+    assert any(line.startswith(f"    first-step ratio M={hi} / M={lo}:") for line in lines), lines
+    assert any(line.startswith(f"    peak RSS growth M={lo} -> M={hi}:") for line in lines), lines
+    assert any(line.startswith(f"    steady step M={hi} / M={lo}") for line in lines), lines
 
 
 def _quick_section(section):

@@ -86,7 +86,7 @@ class Executor:
     def runs_looped(self) -> bool:
         """Whether :meth:`train` builds the step as tick loops (graph size independent of M)."""
         return not self.unrolled and looped.applies(self.stages, self.generator is sched.gpipe,
-                                                    tf.executing_eagerly())
+                                                    tf.executing_eagerly(), self.num_microbatches)
 
     def run_actions(self, schedule: sched.Schedule, step: Callable[[sched.Action], list[tf.Tensor]]) -> None:
         """Builds (or, eagerly, runs) the actions, chaining each device's actions."""

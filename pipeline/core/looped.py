@@ -16,9 +16,13 @@ micro-batch u - (K-1-s)::
 
 The backward ticks mirror it (B0 starts on the last stage). Python traces the
 K fill ticks, one loop tick and the K-1 drain ticks: O(K^2) stage calls
-whatever M is (M <= K: every tick is unrolled). Values cross ticks through
-``TensorArray`` s (stage inputs, cut-layer gradients, outputs); gradient sums
-and the loss are loop variables.
+whatever M is (the executor loops only for M >= K + :data:`MIN_LOOP_TICKS`). Values cross ticks through
+resource TensorArrays on the device that reads them (the input and targets
+split once, stage inputs, cut-layer gradients, outputs); the weight gradients
+are summed into float32 buffer variables per stage; the loop variables are
+scalars (array flows, per-device tick counters, per-stage tokens, the loss).
+A loop that spans devices routes its loop variables through one device every
+tick: keeping them scalars keeps that cost to a few small copies per tick.
 
 Exactness: the same micro-batches, the same order per stage (F0..F(M-1), then
 B0..B(M-1), as :func:`pipeline.core.schedule.gpipe`), the same float32 gradient
@@ -42,13 +46,20 @@ from pipeline.core import traced
 from pipeline.core.stage import LossFn, Stage
 
 
-def applies(stages: Sequence[Stage], gpipe: bool, eager: bool) -> bool:
-    """Whether a training step runs looped: GPipe, every stage recomputed, graph mode, nothing patched.
+MIN_LOOP_TICKS = 4
+"""Loop only when M - K >= this: a few ticks unrolled cost less than the loops' fixed overhead."""
+
+
+def applies(stages: Sequence[Stage], gpipe: bool, eager: bool, num_microbatches: int) -> bool:
+    """Whether a training step runs looped: GPipe, every stage recomputed, M - K >= :data:`MIN_LOOP_TICKS`,
+    graph mode, nothing patched.
 
     The unrolled executor runs the other cases: ``check_numerics`` (per-action labels),
-    BatchNorm modes that patch layer calls (Python side effects per call), eager mode.
+    BatchNorm modes that patch layer calls (Python side effects per call), eager mode, and
+    small M (a step of a few unrolled actions builds fast and runs without the loops' overhead).
     """
-    return (gpipe and not eager and all(stage.recompute for stage in stages)
+    return (gpipe and not eager and num_microbatches - len(stages) >= MIN_LOOP_TICKS
+            and all(stage.recompute for stage in stages)
             and not any(stage.numerics for stage in stages)
             and not any(traced.has_patched_calls(stage.layer) for stage in stages))
 
@@ -86,7 +97,7 @@ class LoopedGPipe:
         """``(fill, loop_ticks, drain)``: unrolled ticks before the loop, looped ticks, unrolled ticks after."""
         k, m = len(self.stages), self.num_microbatches
         total = m + k - 1
-        if m - k < 2:  # a loop of one tick saves nothing
+        if m - k < 1:
             return list(range(total)), 0, []
         return list(range(k)), m - k, list(range(m, total))
 
@@ -95,13 +106,16 @@ class LoopedGPipe:
 
         Args:
             x: the mini-batch input.
-            loss_fn: :func:`pipeline.core.microbatch.microbatch_loss`'s function (its ``at``
-                takes a tensor micro-batch index).
+            loss_fn: :func:`pipeline.core.microbatch.microbatch_loss`'s function (the loop uses its
+                ``targets`` and ``of``).
             training: passed to the layers.
 
         Returns:
-            ``(loss, gradients per stage, merged y_pred)``; the loss holds micro-batch and
-            call-time losses (the caller adds regularization).
+            ``(loss, gradients per stage, merged y_pred)``: the summed micro-batch losses (the caller
+            adds regularization; a recomputed stage has no call-time losses).
+
+        Raises:
+            RecomputeError: if a stage adds losses during its call.
         """
         forward = _Forward(self, x, loss_fn, training)
         forward.run()
@@ -198,7 +212,7 @@ class _Forward:
     """The forward ticks: stage inputs, state snapshots and outputs into TensorArrays, losses summed."""
 
     def __init__(self, owner: LoopedGPipe, x: Any, loss_fn: LossFn, training: bool):
-        self.owner, self.x, self.loss_fn, self.training = owner, x, loss_fn, training
+        self.owner, self.loss_fn, self.training = owner, loss_fn, training
         k, m = len(owner.stages), owner.num_microbatches
         self.chain = _Chain([stage.device for stage in owner.stages])
         self.inputs = [_Arrays(m) for _ in range(k)]  # stage s >= 1: its input per micro-batch

@@ -19,7 +19,7 @@ from pipeline.perf.bench_points import mlp, peak_rss_mb
 FULL = {"build_k": 2, "build_ms": [4, 16, 64], "build_modes": ["1f1b", "looped", "gpipe_unrolled"],
         "build_width": 64, "build_layers": 6, "build_batch": 256,
         "build_steps": 4, "resnet": False, "resnet_batch": 32, "resnet_ms": [1, 16]}
-QUICK = {"build_k": 2, "build_ms": [1, 4], "build_modes": ["1f1b", "looped"],
+QUICK = {"build_k": 2, "build_ms": [1, 6], "build_modes": ["1f1b", "looped"],
          "build_width": 16, "build_layers": 2, "build_batch": 8,
          "build_steps": 2, "resnet": False, "resnet_batch": 4, "resnet_ms": [1, 2]}
 
