@@ -418,8 +418,13 @@ def prepare(stages: Sequence[Stage], gpipe: bool) -> None:
 def _loop(phase: Any, first: int, count: int, active: list[int]) -> None:
     """Runs the ticks first .. first + count - 1 of ``phase`` in a ``tf.while_loop``.
 
-    Each stage counts its own micro-batch index on its own device: nothing but the loop
-    condition crosses devices per tick for the counting."""
+    Each stage counts its own micro-batch index on its own device. The loop's scalars (counters,
+    array flows, tokens, the loss) travel packed, one float32 vector per device: TensorFlow routes
+    every loop variable through the loop's control device each tick, so one vector per device costs
+    one round trip instead of one per scalar::
+
+        device 1 scalars (j, token, flows, loss) --stack--> [v] --tick--> [v'] --unstack--> ...
+    """
     like = phase.loop_state()
     order = phase.order(active)
     devices = [phase.owner.stages[s].device for s in order]
@@ -427,19 +432,58 @@ def _loop(phase: Any, first: int, count: int, active: list[int]) -> None:
     for s, device in zip(order, devices):
         with tf.device(device):
             starts.append(tf.constant(phase.index(s, first), tf.int32))
+    initial = starts + _no_nones(like)
+    packing = _Packing(initial)
 
-    def body(i: tf.Tensor, indices: list[tf.Tensor], *values: Any) -> tuple[Any, ...]:
+    def body(i: tf.Tensor, *packed: tf.Tensor) -> tuple[Any, ...]:
+        flat = packing.unpack(packed)
+        indices, values = flat[:len(order)], flat[len(order):]
         phase.set_loop_state(_with_nones(values, like))
         following = []
         for s, j, device in zip(order, indices, devices):
             phase.action(s, j)
             with tf.device(device):
                 following.append(j + 1)
-        return (i + 1, following, *_no_nones(phase.loop_state()))
+        return (i + 1, *packing.pack(following + _no_nones(phase.loop_state())))
 
-    _, _, *final = tf.while_loop(lambda i, *_: i < count, body,
-                                 (tf.constant(0), starts, *_no_nones(like)), maximum_iterations=count)
-    phase.set_loop_state(_with_nones(final, like))
+    _, *final = tf.while_loop(lambda i, *_: i < count, body, (tf.constant(0), *packing.pack(initial)),
+                              maximum_iterations=count)
+    phase.set_loop_state(_with_nones(packing.unpack(final)[len(order):], like))
+
+
+class _Packing:
+    """Packs a flat list of scalar loop values into one float32 vector per device, and back.
+
+    Float32 holds every value exactly: array flows and the loss are float32, counters and
+    tokens are small integers. Non-scalars (none today) would travel as they are."""
+
+    def __init__(self, values: list[tf.Tensor]):
+        self.dtypes = [v.dtype for v in values]
+        self.groups: dict[str, list[int]] = {}
+        self.alone: list[int] = []
+        for i, v in enumerate(values):
+            if v.shape.rank == 0 and (v.dtype.is_floating or v.dtype.is_integer) and v.dtype.size <= 4:
+                self.groups.setdefault(v.device, []).append(i)
+            else:
+                self.alone.append(i)
+        self.size = len(values)
+
+    def pack(self, values: list[tf.Tensor]) -> list[tf.Tensor]:
+        packed = []
+        for device, members in self.groups.items():
+            with tf.device(device or None):
+                packed.append(tf.stack([tf.cast(values[i], tf.float32) for i in members]))
+        return packed + [values[i] for i in self.alone]
+
+    def unpack(self, packed: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        values: list[Any] = [None] * self.size
+        for (device, members), vector in zip(self.groups.items(), packed):
+            with tf.device(device or None):
+                for i, part in zip(members, tf.unstack(vector, num=len(members))):
+                    values[i] = tf.cast(part, self.dtypes[i])
+        for i, value in zip(self.alone, packed[len(self.groups):]):
+            values[i] = value
+        return values
 
 
 def _no_nones(state: Any) -> list[Any]:
