@@ -107,14 +107,15 @@ LOSS = {"unet": "mse", "dict_inputs": {"cls": keras.losses.SparseCategoricalCros
 
 
 def _fit_both(name: str, m: int, schedule: str, cuts=None, num_stages=None, balance="params", steps=3, batch=4,
-              extra=0, recompute=False):
+              extra=0, recompute=False, loop=False):
     """Fits the pipeline and the unsplit model from the same weights; returns both weight lists and losses."""
     model, reference = BUILD[name](), BUILD[name]()
     reference.set_weights(model.get_weights())
     x, y = _data(name, steps * batch + extra)  # extra < batch: a last, smaller batch
     sample = keras.tree.map_structure(lambda t: t[:batch], x) if balance == "time" else None
     stages = split(model, cuts=cuts, num_stages=num_stages, balance=balance, sample_input=sample)
-    piped = pipeline.PipelineModel(stages, devices="cpu", microbatches=m, schedule=schedule, recompute=recompute)
+    piped = pipeline.PipelineModel(stages, devices="cpu", microbatches=m, schedule=schedule, recompute=recompute,
+                                   loop=loop)
     loss = LOSS.get(name, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     weights = {"cls": 1.0, "aux": 0.5} if isinstance(loss, dict) else None
     piped.compile(keras.optimizers.SGD(0.2), loss, loss_weights=weights)
@@ -158,7 +159,7 @@ def test_looped_gpipe_carries_skips_masks_and_ids_with_uneven_and_short_batches(
     runs = []
     real = looped.LoopedGPipe.train
     monkeypatch.setattr(looped.LoopedGPipe, "train", lambda self, *a, **kw: runs.append(1) or real(self, *a, **kw))
-    _fit_both(name, 6, "gpipe", cuts=cuts, batch=batch, extra=extra, recompute=True)
+    _fit_both(name, 6, "gpipe", cuts=cuts, batch=batch, extra=extra, recompute=True, loop=True)
     assert runs  # the looped step was built (not the unrolled one)
 
 

@@ -34,7 +34,7 @@ def test_looped_gradients_equal_unsplit(kind, k, m, looped_runs):
     build, cuts, _ = BUILDERS[kind]
     stages = pipeline.split(build(), cuts=cuts[k])
     x, y = data(kind, n=16)
-    model = pipeline.PipelineModel(stages, microbatches=m, schedule="gpipe", recompute=True)
+    model = pipeline.PipelineModel(stages, microbatches=m, schedule="gpipe", recompute=True, loop=True)
     report = pipeline.verify(model, x, y, loss())
     assert looped_runs == [m]
     assert report.ok, str(report)
@@ -43,8 +43,7 @@ def test_looped_gradients_equal_unsplit(kind, k, m, looped_runs):
 
 def _step_graph_ops(m: int, unrolled: bool) -> int:
     stages = two_stage_mlp(12, (16, 16), 16, 10)
-    model = pipeline.PipelineModel(stages, microbatches=m, schedule="gpipe", recompute=True)
-    model.executor.unrolled = unrolled
+    model = pipeline.PipelineModel(stages, microbatches=m, schedule="gpipe", recompute=True, loop=not unrolled)
     x = tf.zeros((48, 12))
     loss_fn = mb_lib.microbatch_loss(loss(), tf.zeros((48,), tf.int32), None, m, 48)
 
@@ -79,8 +78,7 @@ def test_looped_batchnorm_and_dropout_train_the_weights_of_the_unrolled_step(loo
     weights = []
     for unrolled in (True, False):
         stages = _stateful(seed=5)
-        model = pipeline.PipelineModel(stages, microbatches=6, schedule="gpipe", recompute=True)
-        model.executor.unrolled = unrolled
+        model = pipeline.PipelineModel(stages, microbatches=6, schedule="gpipe", recompute=True, loop=not unrolled)
         model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         keras.utils.set_random_seed(9)
         model.fit(x, y, batch_size=12, epochs=2, shuffle=False, verbose=0)
@@ -97,7 +95,7 @@ def test_fit_with_a_short_last_batch_trains_the_unsplit_models_weights(looped_ru
     x, y = rng.normal(size=(38, 12)).astype("float32"), rng.integers(0, 10, 38).astype("int32")
     stages = two_stage_mlp(12, (16, 16), 16, 10, seed=3)
     reference = keras.Sequential(two_stage_mlp(12, (16, 16), 16, 10, seed=3))
-    model = pipeline.PipelineModel(stages, microbatches=6, schedule="gpipe", recompute=True)
+    model = pipeline.PipelineModel(stages, microbatches=6, schedule="gpipe", recompute=True, loop=True)
     for m in (model, reference):
         m.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         m.fit(x, y, batch_size=10, epochs=2, shuffle=False, verbose=0)
@@ -106,12 +104,42 @@ def test_fit_with_a_short_last_batch_trains_the_unsplit_models_weights(looped_ru
         np.testing.assert_allclose(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_other_schedules_partial_recompute_and_small_m_stay_unrolled(looped_runs):
+def test_without_loop_or_below_k_plus_4_the_step_is_unrolled(looped_runs):
     stages = two_stage_mlp(12, (16, 16), 16, 10)
     x, y = data("residual", n=16)[0][:, :12], data("residual", n=16)[1]
-    for schedule, flags, m in (("1f1b", True, 8), ("gpipe", [True, False], 8), ("gpipe", False, 8),
-                               ("gpipe", True, 2 + looped.MIN_LOOP_TICKS - 1)):
-        report = pipeline.verify(pipeline.PipelineModel(stages, microbatches=m, schedule=schedule, recompute=flags),
-                                 x, y, loss())
+    # loop=False (the default), and loop=True below M = K + MIN_LOOP_TICKS
+    for flags, m, loop in ((True, 8, False), (True, 2 + looped.MIN_LOOP_TICKS - 1, True)):
+        model = pipeline.PipelineModel(stages, microbatches=m, schedule="gpipe", recompute=flags, loop=loop)
+        report = pipeline.verify(model, x, y, loss())
         assert report.ok, str(report)
     assert looped_runs == []
+
+
+@pytest.mark.parametrize("schedule,flags", [("1f1b", True), ("gpipe", [True, False]), ("gpipe", False)])
+def test_loop_without_gpipe_and_full_recompute_is_refused_before_any_compute(schedule, flags):
+    with pytest.raises(pipeline.errors.SettingError, match="loop=True"):
+        pipeline.PipelineModel(two_stage_mlp(12, (16, 16), 16, 10), microbatches=8, schedule=schedule,
+                               recompute=flags, loop=True)
+
+
+def test_loop_is_saved_with_the_model(tmp_path):
+    model = pipeline.PipelineModel(two_stage_mlp(12, (16, 16), 16, 10), microbatches=8, schedule="gpipe",
+                                   recompute=True, loop=True)
+    model.compile("sgd", loss())
+    model.save(tmp_path / "m.keras")
+    assert keras.models.load_model(tmp_path / "m.keras").executor.loop is True
+
+
+def test_keras_application_with_batchnorm_runs_looped_and_matches_the_ghost_batch_reference(looped_runs):
+    """MobileNetV2 (weights=None, 32x32, BatchNorm everywhere) in K=2 stages, M=6, graph mode: verify's
+    reference runs the unsplit model on the same six ghost batches (8 samples each: BatchNorm over 2 samples
+    amplifies float rounding ~1e4-fold in every gradient); gradients and moving statistics agree."""
+    keras.utils.set_random_seed(3)
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
+    stages = pipeline.split(model, num_stages=2)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(48, 32, 32, 3)).astype("float32"), (np.arange(48) % 10).astype("int32")
+    piped = pipeline.PipelineModel(stages, microbatches=6, schedule="gpipe", recompute=True, loop=True)
+    report = pipeline.verify(piped, x, y, "sparse_categorical_crossentropy", rtol=1e-4)
+    assert looped_runs == [6]
+    assert report.ok, str(report)

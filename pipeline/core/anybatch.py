@@ -52,6 +52,7 @@ class SizedExecutors:
             return self.full
         if count not in self.small_executors:
             self.small_executors[count] = Executor(self.full.stages, self.full.generator, count)
+            self.small_executors[count].loop = self.full.loop
         executor = self.small_executors[count]
         executor.action_hook = self.full.action_hook
         return executor

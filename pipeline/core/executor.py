@@ -74,18 +74,19 @@ class Executor:
         """Per stage: whether its backward is split into B (input gradient) and W (weight gradient)."""
         self.infer_schedule = sched.forward_only(len(self.stages), self.num_microbatches)
         self.action_hook: ActionHook | None = None
-        self.unrolled = False
-        self.prepare()
-        """True: always build the 2*K*M actions one by one (profiling per action needs them); False: a
-        GPipe step with every stage recomputed runs as tick loops (:mod:`pipeline.core.looped`)."""
+        self.loop = False
+        """True: a GPipe step with every stage recomputed runs as tick loops (:mod:`pipeline.core.looped`,
+        ``PipelineModel(loop=True)``; call :meth:`prepare` after setting it); False: the 2*K*M actions
+        are built one by one."""
 
     def prepare(self) -> None:
         """Makes what the step's trace must not create (the looped step's gradient buffers), once built."""
-        looped.prepare(self.stages, self.generator is sched.gpipe)
+        if self.loop:
+            looped.prepare(self.stages, self.generator is sched.gpipe)
 
     def runs_looped(self) -> bool:
         """Whether :meth:`train` builds the step as tick loops (graph size independent of M)."""
-        return not self.unrolled and looped.applies(self.stages, self.generator is sched.gpipe,
+        return self.loop and looped.applies(self.stages, self.generator is sched.gpipe,
                                                     tf.executing_eagerly(), self.num_microbatches)
 
     def run_actions(self, schedule: sched.Schedule, step: Callable[[sched.Action], list[tf.Tensor]]) -> None:

@@ -81,6 +81,9 @@ class PipelineModel(autohook.AutoMixin, keras.Model):
         virtual_stages: V, stages per device when devices are picked automatically: K/V devices,
             stage s on device s % (K/V) (for ``schedule="interleaved_1f1b"``). An explicit
             ``devices`` list of D < K devices (D divides K) places the stages the same way.
+        loop: with ``schedule="gpipe"`` and ``recompute=True``: build the training step as loops over
+            clock ticks (:mod:`pipeline.core.looped`) when M >= K + 4: the step's graph and first-step
+            build time do not grow with M; the steady step costs more (docs/performance.md "Build cost").
         memory_budget: with ``schedule``, ``microbatches`` or ``recompute`` set to ``"auto"``: bytes per
             device, ``"80%"`` of each device's memory (default), a size such as ``"4GB"``, or None; the plan
             is chosen by measurement and simulation before the first step (:mod:`pipeline.perf.autoplan`).
@@ -92,7 +95,7 @@ class PipelineModel(autohook.AutoMixin, keras.Model):
                  gradient_reducer: GradientReducer | None = None,
                  recompute: bool | Sequence[bool] = False, check_numerics: bool = False,
                  batchnorm: str = "microbatch", memory_budget: int | str | None = "80%",
-                 virtual_stages: int = 1, **kwargs: Any):
+                 virtual_stages: int = 1, loop: bool = False, **kwargs: Any):
         layers = _check_layers(stages)
         auto_settings = autohook.settings(schedule, microbatches, recompute, memory_budget)
         schedule, microbatches, recompute = autohook.placeholders(schedule, microbatches, recompute)
@@ -117,6 +120,9 @@ class PipelineModel(autohook.AutoMixin, keras.Model):
         ]
         """The :class:`Stage` objects, in pipeline order (:attr:`stages` gives a copy)."""
         self.executor = Executor(self.pipeline_stages, schedule, microbatches)
+        _check_loop(loop, self.executor, auto_settings)
+        self.executor.loop = loop
+        self.executor.prepare()
         self.sized_executors = anybatch.SizedExecutors(self.executor)
         self.gradient_reducer = gradient_reducer
         self.check_numerics = check_numerics
@@ -279,6 +285,25 @@ class PipelineModel(autohook.AutoMixin, keras.Model):
             SettingError: for another format or an unknown input shape.
         """
         saving.export(self, filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+
+
+def _check_loop(loop: Any, executor: Executor, auto_settings: Any) -> None:
+    """``loop=True`` needs GPipe with every stage recomputed (unless those settings are still ``"auto"``).
+
+    Raises:
+        SettingError: naming the setting, the value received and the fix.
+    """
+    if not isinstance(loop, bool):
+        raise SettingError(f"loop must be True or False, got {loop!r}")
+    if not loop or auto_settings is not None:
+        return
+    if getattr(executor.generator, "__name__", "") != "gpipe":
+        raise SettingError(f"loop=True builds GPipe with re-materialization as tick loops; got schedule="
+                           f"{executor.schedule_name!r}. Use schedule='gpipe' and recompute=True, or loop=False")
+    if not all(stage.recompute for stage in executor.stages):
+        raise SettingError("loop=True needs recompute=True on every stage (a backward in a later tick can only "
+                           "recompute its stage from the saved input); got recompute="
+                           f"{[stage.recompute for stage in executor.stages]}. Set recompute=True or loop=False")
 
 
 def _check_compute_loss(model: PipelineModel) -> None:

@@ -82,6 +82,7 @@ def pipeline_config(model: Any) -> dict[str, Any]:
         "batchnorm": model.batchnorm_control.mode,
         "check_numerics": model.check_numerics,
         "virtual_stages": getattr(model, "virtual_stages", 1),
+        "loop": model.executor.loop,
     }
     if model.gradient_reducer is not None:
         warnings.warn(

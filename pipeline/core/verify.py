@@ -131,6 +131,7 @@ def verify(stages_or_model: PipelineModel | Sequence[keras.layers.Layer], x: Any
     m = microbatches or model.microbatches
     schedule_name = schedule or model.executor.schedule_name
     executor = Executor(stages, schedule or model.executor.generator, m)
+    executor.loop = model.executor.loop
     x = tf.nest.map_structure(tf.convert_to_tensor, x)
     y = tf.nest.map_structure(tf.convert_to_tensor, y)
     if not model.built:

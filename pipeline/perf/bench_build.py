@@ -98,8 +98,7 @@ def build_point(p: dict[str, Any]) -> dict[str, Any]:
 
     stages, x, y, loss = (_resnet if p["model"] == "resnet" else _dense)(p)
     model = PipelineModel(stages, microbatches=p["m"], schedule=p.get("schedule", "1f1b"),
-                          recompute=p.get("recompute", False))
-    model.executor.unrolled = p.get("unrolled", False)
+                          recompute=p.get("recompute", False), loop=p.get("loop", False))
     model.compile(optimizer=keras.optimizers.SGD(1e-4), loss=loss)
     seen = _count_hook(model)
     rss_before = peak_rss_mb()
@@ -121,8 +120,9 @@ def build_point(p: dict[str, Any]) -> dict[str, Any]:
 
 MODES = {
     "1f1b": ({"schedule": "1f1b"}, "1F1B, unrolled actions (2*K*M in the step graph)"),
-    "looped": ({"schedule": "gpipe", "recompute": True}, "GPipe + recompute as tick loops (pipeline.core.looped)"),
-    "gpipe_unrolled": ({"schedule": "gpipe", "recompute": True, "unrolled": True},
+    "looped": ({"schedule": "gpipe", "recompute": True, "loop": True},
+               "GPipe + recompute as tick loops (loop=True, pipeline.core.looped)"),
+    "gpipe_unrolled": ({"schedule": "gpipe", "recompute": True},
                        "GPipe + recompute, unrolled actions (the looped step's reference)"),
 }
 """The step builds the build section compares: name -> (point settings, description)."""

@@ -107,11 +107,9 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def executor_step(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: str,
-                  num_microbatches: int, unrolled: bool = False) -> Callable[[], Any]:
+                  num_microbatches: int) -> Callable[[], Any]:
     """A compiled pipelined step without the optimizer: every micro-batch forward and back, as ``fit`` runs it.
 
-    ``unrolled``: build every action separately even where ``fit`` would run tick loops
-    (:mod:`pipeline.core.looped`), so that a profile can name each action's ops.
 
     Returns:
         A function of no arguments running one step (traced on its first call),
@@ -124,7 +122,6 @@ def executor_step(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: st
     from pipeline.core.executor import Executor
 
     executor = Executor(stages, schedule, num_microbatches)  # names each action's ops act<action>/...
-    executor.unrolled = unrolled
     loss_obj = keras.losses.get(loss) if isinstance(loss, str) else loss
     loss_fn = mb_lib.microbatch_loss(loss_obj, tf.convert_to_tensor(y), None, num_microbatches,
                                      mb_lib.batch_size(x))
@@ -159,7 +156,7 @@ def run_measured(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: str
     from pipeline.core import traced
 
     with traced.inlined():  # the stages' ops keep their action scopes in the trace
-        step = executor_step(stages, x, y, loss, schedule, num_microbatches, unrolled=True)
+        step = executor_step(stages, x, y, loss, schedule, num_microbatches)
         elapsed = median_time(step, steps)
         logdir = tempfile.mkdtemp(prefix="pipeline-trace-")
         tf.profiler.experimental.start(logdir)

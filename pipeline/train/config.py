@@ -75,6 +75,8 @@ class PipelineConfig:
     schedule: str = "1f1b"
     recompute: bool | str = False
     """Recompute every stage's activations in backward (less memory, one more forward), or ``auto``."""
+    loop: bool = False
+    """With ``schedule: gpipe`` and ``recompute: true``: the step as tick loops (build time independent of M)."""
     memory_budget: int | str | None = "80%"
     """For ``auto``: per device, bytes, a share of its memory (``"80%"``) or a size (``"4GB"``); null: no limit."""
     uneven_microbatches: str = "allow"

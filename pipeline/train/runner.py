@@ -130,7 +130,7 @@ def build(cfg: Config, run_dir: str, shard: tuple[int, int] = (1, 0)) -> Built:
     pipe = PipelineModel(stages, devices=device_names, microbatches=cfg.pipeline.microbatches,
                          schedule=cfg.pipeline.schedule, batchnorm=cfg.pipeline.batchnorm,
                          recompute=cfg.pipeline.recompute, memory_budget=cfg.pipeline.memory_budget,
-                         name=f"pipeline_{cfg.name}")
+                         loop=cfg.pipeline.loop, name=f"pipeline_{cfg.name}")
     loss = _loss(cfg)
     metrics = list(cfg.metrics) + ([_batch_loss_metric(loss)] if cfg.train.log_steps else [])
     pipe.compile(optimizer=_optimizer(cfg), loss=loss, metrics=metrics)
