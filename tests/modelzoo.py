@@ -53,3 +53,13 @@ def two_stage_mlp(inputs: int, hidden: tuple[int, int], cut: int, outputs: int, 
     second = keras.Sequential([keras.Input((cut,)), keras.layers.Dense(hidden[1], activation="tanh"),
                                keras.layers.Dense(outputs)], name=names[1])
     return [first, second]
+
+
+def stateful_mlp(seed: int = 0) -> list[keras.Model]:
+    """Two stages with BatchNorm (moving statistics) and Dropout (seed state): 12 -> 16 | 16 -> 10."""
+    keras.utils.set_random_seed(seed)
+    a = keras.Sequential([keras.Input((12,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
+                          keras.layers.Activation("relu"), keras.layers.Dropout(0.3)], name="a")
+    b = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, activation="tanh"),
+                          keras.layers.Dropout(0.2), keras.layers.Dense(10)], name="b")
+    return [a, b]

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import pipeline
-from modelzoo import BUILDERS, data, loss, two_stage_mlp
+from modelzoo import BUILDERS, data, loss, stateful_mlp, two_stage_mlp
 from pipeline.core import looped
 from pipeline.core import microbatch as mb_lib
 from pipeline.perf.bench_build import _graph_ops
@@ -61,15 +61,6 @@ def test_step_graph_does_not_grow_with_m(looped_runs):
     assert _step_graph_ops(24, unrolled=True) > _step_graph_ops(6, unrolled=True) + 200  # 18 more micro-batches
 
 
-def _stateful(seed):
-    keras.utils.set_random_seed(seed)
-    a = keras.Sequential([keras.Input((12,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
-                          keras.layers.Activation("relu"), keras.layers.Dropout(0.3)], name="a")
-    b = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, activation="tanh"),
-                          keras.layers.Dropout(0.2), keras.layers.Dense(10)], name="b")
-    return [a, b]
-
-
 def test_looped_batchnorm_and_dropout_train_the_weights_of_the_unrolled_step(looped_runs):
     """M=6 > K+1 (ticks in the loop): the same dropout masks and BatchNorm statistics, updated once per
     micro-batch and in micro-batch order, as the unrolled GPipe step with recomputation."""
@@ -77,7 +68,7 @@ def test_looped_batchnorm_and_dropout_train_the_weights_of_the_unrolled_step(loo
     x, y = rng.normal(size=(36, 12)).astype("float32"), rng.integers(0, 10, 36).astype("int32")
     weights = []
     for unrolled in (True, False):
-        stages = _stateful(seed=5)
+        stages = stateful_mlp(seed=5)
         model = pipeline.PipelineModel(stages, microbatches=6, schedule="gpipe", recompute=True, loop=not unrolled)
         model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         keras.utils.set_random_seed(9)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from modelzoo import two_stage_mlp
+from modelzoo import stateful_mlp as _stateful, two_stage_mlp
 from pipeline.core import looped
 from pipeline.core import microbatch as mb_lib
 from pipeline.core import recompute
@@ -14,16 +14,6 @@ from pipeline.core.model import PipelineModel
 
 def _mlp(seed=0):
     return two_stage_mlp(12, (16, 16), 16, 10, seed)
-
-
-def _stateful(seed=0):
-    """Stages with BatchNorm (moving statistics) and Dropout (seed state)."""
-    keras.utils.set_random_seed(seed)
-    a = keras.Sequential([keras.Input((12,)), keras.layers.Dense(16), keras.layers.BatchNormalization(),
-                          keras.layers.Activation("relu"), keras.layers.Dropout(0.3)], name="a")
-    b = keras.Sequential([keras.Input((16,)), keras.layers.Dense(16, activation="tanh"),
-                          keras.layers.Dropout(0.2), keras.layers.Dense(10)], name="b")
-    return [a, b]
 
 
 def _data(n=16):

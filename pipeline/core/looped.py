@@ -208,7 +208,39 @@ class _Arrays:
         return tf.nest.pack_sequence_as(self.structure, flat)
 
 
-class _Forward:
+class _Phase:
+    """The ticks of one direction: the unrolled fill, the loop, the unrolled drain (subclasses say which
+    micro-batch a stage runs at a tick, in what order a tick's actions are built, and what one does)."""
+
+    owner: LoopedGPipe
+
+    def index(self, s: int, t: int) -> int:
+        raise NotImplementedError
+
+    def order(self, active: Sequence[int]) -> list[int]:
+        raise NotImplementedError
+
+    def action(self, s: int, j: Any) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        k, m = len(self.owner.stages), self.owner.num_microbatches
+        fill, loop_count, drain = self.owner.ticks()
+        for t in fill:
+            self.tick(t)
+        if loop_count:
+            _loop(self, len(fill), loop_count, list(range(k)))
+        for t in drain:
+            self.tick(t)
+
+    def tick(self, t: int) -> None:
+        """One unrolled tick: the stages with a micro-batch at tick t."""
+        k, m = len(self.owner.stages), self.owner.num_microbatches
+        for s in self.order([s for s in range(k) if 0 <= self.index(s, t) < m]):
+            self.action(s, self.index(s, t))
+
+
+class _Forward(_Phase):
     """The forward ticks: stage inputs, state snapshots and outputs into TensorArrays, losses summed."""
 
     def __init__(self, owner: LoopedGPipe, x: Any, loss_fn: LossFn, training: bool):
@@ -267,20 +299,6 @@ class _Forward:
         """The stages of one tick in the order their actions are built (each feeds the next)."""
         return list(active)
 
-    def tick(self, t: int, active: Sequence[int]) -> None:
-        for s in self.order(active):
-            self.action(s, self.index(s, t))
-
-    def run(self) -> None:
-        k, m = len(self.owner.stages), self.owner.num_microbatches
-        fill, loop_count, drain = self.owner.ticks()
-        for t in fill:
-            self.tick(t, [s for s in range(k) if 0 <= t - s < m])
-        if loop_count:
-            _loop(self, len(fill), loop_count, list(range(k)))
-        for t in drain:
-            self.tick(t, [s for s in range(k) if 0 <= t - s < m])
-
     def loop_state(self) -> Any:
         return (self.chain.tokens, [a.flows for a in self.inputs], [a.flows for a in self.snapshots],
                 self.outputs.flows, self.loss)
@@ -293,7 +311,7 @@ class _Forward:
         self.outputs.flows = list(outputs)
 
 
-class _Backward:
+class _Backward(_Phase):
     """The backward ticks: per stage and micro-batch one VJP of the recomputed stage."""
 
     def __init__(self, owner: LoopedGPipe, forward: _Forward):
@@ -359,21 +377,6 @@ class _Backward:
 
     def order(self, active: Sequence[int]) -> list[int]:
         return list(reversed(active))
-
-    def tick(self, u: int, active: Sequence[int]) -> None:
-        for s in self.order(active):
-            self.action(s, self.index(s, u))
-
-    def run(self) -> None:
-        k, m = len(self.owner.stages), self.owner.num_microbatches
-        fill, loop_count, drain = self.owner.ticks()
-        active = lambda u: [s for s in range(k) if 0 <= u - (k - 1 - s) < m]  # noqa: E731
-        for u in fill:
-            self.tick(u, active(u))
-        if loop_count:
-            _loop(self, len(fill), loop_count, list(range(k)))
-        for u in drain:
-            self.tick(u, active(u))
 
     def loop_state(self) -> Any:
         return (self.chain.tokens, [a.flows for a in self.cut_grads])
