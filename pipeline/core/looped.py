@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import keras
 import tensorflow as tf
 
+from pipeline.core import loop_values
 from pipeline.core import microbatch as mb_lib
 from pipeline.core import recompute as recompute_lib
 from pipeline.core import traced
@@ -124,90 +125,6 @@ class LoopedGPipe:
         return forward.loss, backward.gradients(), forward.outputs.concat_all()
 
 
-class _Arrays:
-    """One TensorArray per leaf of a nest, made on the first write on the device that reads it.
-
-    The arrays are TensorFlow's resource TensorArrays (``TensorArrayV3``): the data stays on the
-    array's device, and a loop carries only each array's float "flow" scalar, which orders the
-    reads after the writes. (A TF2 ``tf.TensorArray`` is a list value: a loop would carry the
-    whole list, and copy it whenever the loop's bookkeeping sits on another device.)
-    """
-
-    def __init__(self, size: int, batched: bool = True):
-        self.size = size
-        self.batched = batched
-        """Values differ in their first (batch) dimension; else every value has the first one's shape."""
-        self.structure: Any = None
-        self.handles: list[tf.Tensor | None] = []
-        self.flows: list[tf.Tensor | None] | None = None
-        self.shapes: list[tf.TensorShape | None] = []
-        self.dtypes: list[tf.DType | None] = []
-
-    def write(self, j: Any, value: Any, device: str) -> None:
-        flat = tf.nest.flatten(value)
-        with tf.device(device):
-            if self.flows is None:
-                self.structure = value
-                self.shapes = [None if t is None else self.element_shape(t) for t in flat]
-                self.dtypes = [None if t is None else t.dtype for t in flat]
-                made = [None if t is None else tf.raw_ops.TensorArrayV3(
-                    size=self.size, dtype=t.dtype, element_shape=shape, dynamic_size=False,
-                    clear_after_read=False, identical_element_shapes=not self.batched)
-                    for t, shape in zip(flat, self.shapes)]
-                self.handles = [None if pair is None else pair[0] for pair in made]
-                self.flows = [None if pair is None else pair[1] for pair in made]
-            self.flows = [f if t is None else tf.raw_ops.TensorArrayWriteV3(handle=h, index=j, value=t, flow_in=f)
-                          for h, f, t in zip(self.handles, self.flows, flat)]
-
-    def split(self, value: Any, sizes: tf.Tensor, device: str) -> None:
-        """Fills the arrays with ``value`` split along axis 0 into pieces of ``sizes`` (int64)."""
-        flat = tf.nest.flatten(value)
-        self.structure = value
-        self.shapes = [None if t is None else self.element_shape(t) for t in flat]
-        self.dtypes = [None if t is None else t.dtype for t in flat]
-        self.handles, self.flows = [], []
-        with tf.device(device):
-            for t, shape in zip(flat, self.shapes):
-                if t is None:
-                    self.handles.append(None)
-                    self.flows.append(None)
-                    continue
-                handle, flow = tf.raw_ops.TensorArrayV3(size=self.size, dtype=t.dtype, element_shape=shape,
-                                                        clear_after_read=False)
-                self.handles.append(handle)
-                self.flows.append(tf.raw_ops.TensorArraySplitV3(handle=handle, value=t, lengths=sizes, flow_in=flow))
-
-    def element_shape(self, value: tf.Tensor) -> tf.TensorShape:
-        shape = value.shape
-        if not self.batched or shape.rank is None or shape.rank == 0:
-            return shape
-        return tf.TensorShape([None, *shape[1:]])
-
-    def read(self, j: Any, device: str) -> Any:
-        flat = []
-        with tf.device(device):
-            for h, f, shape, dtype in zip(self.handles, self.flows, self.shapes, self.dtypes):
-                if h is None:
-                    flat.append(None)
-                    continue
-                value = tf.raw_ops.TensorArrayReadV3(handle=h, index=j, flow_in=f, dtype=dtype)
-                value.set_shape(shape)
-                flat.append(value)
-        return tf.nest.pack_sequence_as(self.structure, flat)
-
-    def concat_all(self) -> Any:
-        flat = []
-        for h, f, shape, dtype in zip(self.handles, self.flows, self.shapes, self.dtypes):
-            if h is None:
-                flat.append(None)
-                continue
-            value, _ = tf.raw_ops.TensorArrayConcatV3(handle=h, flow_in=f, dtype=dtype,
-                                                      element_shape_except0=shape[1:] if shape.rank else None)
-            value.set_shape(shape)
-            flat.append(value)
-        return tf.nest.pack_sequence_as(self.structure, flat)
-
-
 class _Phase:
     """The ticks of one direction: the unrolled fill, the loop, the unrolled drain (subclasses say which
     micro-batch a stage runs at a tick, in what order a tick's actions are built, and what one does)."""
@@ -247,16 +164,16 @@ class _Forward(_Phase):
         self.owner, self.loss_fn, self.training = owner, loss_fn, training
         k, m = len(owner.stages), owner.num_microbatches
         self.chain = _Chain([stage.device for stage in owner.stages])
-        self.inputs = [_Arrays(m) for _ in range(k)]  # stage s >= 1: its input per micro-batch
-        self.snapshots = [_Arrays(m, batched=False) for _ in range(k)]  # non-trainable state before each F
-        self.outputs = _Arrays(m)  # the last stage's output per micro-batch
+        self.inputs = [loop_values.Arrays(m) for _ in range(k)]  # stage s >= 1: its input per micro-batch
+        self.snapshots = [loop_values.Arrays(m, batched=False) for _ in range(k)]  # non-trainable state before each F
+        self.outputs = loop_values.Arrays(m)  # the last stage's output per micro-batch
         with tf.device(owner.stages[-1].device):
             self.loss = tf.constant(0.0, tf.float32)
         self.states = [recompute_lib.state_of(stage.layer) for stage in owner.stages]
         # The input and the targets split once, outside the loops, into arrays on the stage that reads them:
         # a loop would send every tensor it captures through its control device at every tick.
         sizes = tf.cast(tf.convert_to_tensor(mb_lib.sizes(mb_lib.batch_size(x), m)), tf.int64)
-        self.x_parts, self.target_parts = _Arrays(m), _Arrays(m)
+        self.x_parts, self.target_parts = loop_values.Arrays(m), loop_values.Arrays(m)
         self.x_parts.split(x, sizes, owner.stages[0].device)
         self.target_parts.split(loss_fn.targets, sizes, owner.stages[-1].device)
 
@@ -318,7 +235,7 @@ class _Backward(_Phase):
         self.owner, self.forward = owner, forward
         k, m = len(owner.stages), owner.num_microbatches
         self.chain = forward.chain  # each device's row goes on: all F, then all B
-        self.cut_grads = [_Arrays(m) for _ in range(k)]  # stage s < K-1: gradient of its output per micro-batch
+        self.cut_grads = [loop_values.Arrays(m) for _ in range(k)]  # stage s < K-1: gradient of its output per micro-batch
         self.connected: list[list[bool] | None] = [None] * k
         """Per stage, per trainable variable: whether it has a gradient (known after the stage's first B)."""
 
@@ -436,7 +353,7 @@ def _loop(phase: Any, first: int, count: int, active: list[int]) -> None:
         with tf.device(device):
             starts.append(tf.constant(phase.index(s, first), tf.int32))
     initial = starts + _no_nones(like)
-    packing = _Packing(initial)
+    packing = loop_values.Packing(initial)
 
     def body(i: tf.Tensor, *packed: tf.Tensor) -> tuple[Any, ...]:
         flat = packing.unpack(packed)
@@ -452,41 +369,6 @@ def _loop(phase: Any, first: int, count: int, active: list[int]) -> None:
     _, *final = tf.while_loop(lambda i, *_: i < count, body, (tf.constant(0), *packing.pack(initial)),
                               maximum_iterations=count)
     phase.set_loop_state(_with_nones(packing.unpack(final)[len(order):], like))
-
-
-class _Packing:
-    """Packs a flat list of scalar loop values into one float32 vector per device, and back.
-
-    Float32 holds every value exactly: array flows and the loss are float32, counters and
-    tokens are small integers. Non-scalars (none today) would travel as they are."""
-
-    def __init__(self, values: list[tf.Tensor]):
-        self.dtypes = [v.dtype for v in values]
-        self.groups: dict[str, list[int]] = {}
-        self.alone: list[int] = []
-        for i, v in enumerate(values):
-            if v.shape.rank == 0 and (v.dtype.is_floating or v.dtype.is_integer) and v.dtype.size <= 4:
-                self.groups.setdefault(v.device, []).append(i)
-            else:
-                self.alone.append(i)
-        self.size = len(values)
-
-    def pack(self, values: list[tf.Tensor]) -> list[tf.Tensor]:
-        packed = []
-        for device, members in self.groups.items():
-            with tf.device(device or None):
-                packed.append(tf.stack([tf.cast(values[i], tf.float32) for i in members]))
-        return packed + [values[i] for i in self.alone]
-
-    def unpack(self, packed: Sequence[tf.Tensor]) -> list[tf.Tensor]:
-        values: list[Any] = [None] * self.size
-        for (device, members), vector in zip(self.groups.items(), packed):
-            with tf.device(device or None):
-                for i, part in zip(members, tf.unstack(vector, num=len(members))):
-                    values[i] = tf.cast(part, self.dtypes[i])
-        for i, value in zip(self.alone, packed[len(self.groups):]):
-            values[i] = value
-        return values
 
 
 def _no_nones(state: Any) -> list[Any]:
