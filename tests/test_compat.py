@@ -371,3 +371,33 @@ def test_loss_scale_optimizer_methods_exist_in_this_keras():
     """The methods whose override is refused are all defined by Keras' LossScaleOptimizer itself."""
     for name in _compat.LOSS_SCALE_OPTIMIZER_METHODS:
         assert callable(vars(keras.optimizers.LossScaleOptimizer).get(name)), name
+
+
+def test_each_layer_call_wraps_the_top_level_calls_only_and_restores_keras():
+    from keras.src.models import functional
+
+    model, _ = _functional()
+    inner_in = keras.Input((4,))
+    inner = keras.Model(inner_in, keras.layers.Dense(4, name="inner_dense")(inner_in), name="inner")
+    outer_in = keras.Input((4,))
+    outer = keras.Model(outer_in, inner(model(outer_in)), name="outer")
+    seen = []
+
+    def wrap(operation, context, call, args, kwargs):
+        seen.append((operation.name, sorted(context)))
+        return call(*args, **kwargs)
+
+    original = functional.operation_fn
+    x = tf.ones((2, 4))
+    with _compat.each_layer_call(wrap):
+        got = outer(x, training=True)
+    assert functional.operation_fn is original
+    assert seen == [(model.name, ["training"]), ("inner", ["training"])]  # not the layers inside them
+    np.testing.assert_allclose(got, outer(x), rtol=1e-6)
+    seen.clear()
+    with _compat.each_layer_call(wrap):
+        model(x)
+    assert [name for name, _ in seen] == ["a", "shared", "shared", "add"]
+    assert _compat.is_graph_model(model) and _compat.is_graph_model(keras.Sequential([keras.Input((4,)),
+                                                                                      keras.layers.Dense(2)]))
+    assert not _compat.is_graph_model(keras.layers.Dense(2))

@@ -287,6 +287,50 @@ def fill_call_arguments(layer: keras.layers.Layer, values: dict[int, Any], call:
     return _nodes(layer, model)[call].arguments.fill_in(values)
 
 
+def is_graph_model(layer: keras.layers.Layer) -> bool:
+    """Whether ``layer`` runs as a functional graph of layer calls (a functional model, or a built Sequential)."""
+    from keras.src.models import functional  # noqa: PLC0415
+
+    if isinstance(layer, keras.Sequential):
+        return getattr(layer, "_functional", None) is not None
+    return isinstance(layer, functional.Functional)
+
+
+@contextlib.contextmanager
+def each_layer_call(wrap: Any) -> Iterator[None]:
+    """Within the block, every call a functional graph makes of one of its layers goes through ``wrap``.
+
+    ``wrap(operation, context, call, args, kwargs) -> result`` gets the layer, Keras' call-context
+    arguments (``training``), ``call`` (which runs the layer with them, as Keras does) and the call's
+    arguments; it must return what ``call(*args, **kwargs)`` returns. Calls made inside a wrapped call
+    (the layers of a nested model) are not wrapped. Keras' ``Functional.call`` looks up the module
+    function ``operation_fn`` at every call; this swaps it for the block.
+    """
+    from keras.src.models import functional  # noqa: PLC0415
+
+    original = _private(functional, "operation_fn", "keras.src.models.functional.operation_fn (the per-node call)")
+    depth = [0]
+
+    def operation_fn(operation: Any, **context: Any) -> Any:
+        call = original(operation, **context)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if depth[0]:
+                return call(*args, **kwargs)
+            depth[0] += 1
+            try:
+                return wrap(operation, context, call, args, kwargs)
+            finally:
+                depth[0] -= 1
+        return wrapped
+
+    functional.operation_fn = operation_fn
+    try:
+        yield
+    finally:
+        functional.operation_fn = original
+
+
 # --- loss scaling (mixed_float16) -----------------------------------------------------------
 
 def loss_scale_step(optimizer: keras.optimizers.LossScaleOptimizer, finite: Any, grads: list[Any],

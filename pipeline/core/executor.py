@@ -150,7 +150,7 @@ class Executor:
                 produced = list(g or []) + [a for a in stage.gradients() if a is not None]
             else:
                 g = stage.backward_input(j, upstream)
-                produced = list(g or [])
+                produced = list(g or []) + stage.held_gradients(j)
             if g is not None:
                 input_grads[(s, j)] = g
             return produced

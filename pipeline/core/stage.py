@@ -10,12 +10,14 @@ never a Jacobian: one backward pass, exact, memory of one activation set.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import keras
 import tensorflow as tf
 
 from pipeline.core import _compat
+from pipeline.core import layer_grads
 from pipeline.core import microbatch as mb_lib
 from pipeline.core import numerics
 from pipeline.core import recompute as recompute_lib
@@ -28,13 +30,18 @@ LossFn = Callable[[int, Any], tf.Tensor]
 class _Saved:
     """What one forward keeps until its backward: the tape and its endpoints."""
 
-    __slots__ = ("inputs", "targets", "tape", "input_grads")
+    __slots__ = ("inputs", "targets", "tape", "input_grads", "layer_calls", "layer_grads")
 
-    def __init__(self, inputs: list[tf.Tensor], targets: list[tf.Tensor], tape: tf.GradientTape):
+    def __init__(self, inputs: list[tf.Tensor], targets: list[tf.Tensor], tape: tf.GradientTape,
+                 layer_calls: layer_grads.LayerCalls | None = None):
         self.inputs = inputs
         self.targets = targets
         self.tape = tape
         self.input_grads: list[tf.Tensor] | None = None
+        self.layer_calls = layer_calls
+        """Split backward: the layer calls W takes its gradients from (:mod:`pipeline.core.layer_grads`)."""
+        self.layer_grads: list[tf.Tensor | None] = []
+        """Split backward: B's gradients of the layer calls' outputs, kept for W."""
 
 
 class Stage:
@@ -77,6 +84,8 @@ class Stage:
         """Set by the executor when the schedule splits this stage's backward into B and W
         (zero-bubble): the tape is then kept for the second gradient call."""
         self.traced_calls = traced.TracedCalls(layer, device)
+        self.layer_functions = layer_grads.LayerFunctions()
+        """A split stage's layer calls, each traced once (:mod:`pipeline.core.layer_grads`)."""
         self.accumulator = traced.Accumulator()
         """The layer call traced once per stage and called per micro-batch (:mod:`pipeline.core.traced`)."""
 
@@ -159,11 +168,15 @@ class Stage:
                     self.infer_losses.extend(_scaled(extra, x, self.batch_total))
                 return y
             inputs = [] if self.is_first else [t for t in tf.nest.flatten(x)]
+            per_layer = self.split_backward and not self.recompute
             with tf.GradientTape(persistent=self.split_backward) as tape:
                 tape.watch([t for t in inputs if t.dtype.is_floating])  # int ids, bool masks: no gradient
-                # a split backward differentiates twice: inlined, each half keeps only the ops it needs
-                call = self.traced_calls.get(x, training, self.recompute, inline=self.split_backward)
-                y, extra = call(x)
+                recording = layer_grads.recording(self.layer, self.layer_functions)
+                with recording if per_layer else contextlib.nullcontext() as calls:
+                    if calls is not None:  # W from the layer calls' own tapes (each call traced once)
+                        y, extra = traced.plain_call(self.layer, x, training, recompute=False)
+                    else:  # a split backward differentiates twice: inlined, each half keeps only the ops it needs
+                        y, extra = self.traced_calls.get(x, training, self.recompute, inline=self.split_backward)(x)
                 scalars = [loss_fn(microbatch, y)] if loss_fn is not None else []
                 scalars.extend(_scaled(extra, x, self.batch_total))
                 targets = (scalars if loss_fn is not None else list(tf.nest.flatten(y)) + scalars)
@@ -174,7 +187,9 @@ class Stage:
                                          self.index, microbatch, self.numerics)
                 y, scalars = tf.nest.pack_sequence_as(y, checked[:len(flat)]), checked[len(flat):]
         self.step_losses.extend(scalars)
-        self.saved_tapes[microbatch] = _Saved(inputs, targets, tape)
+        self.saved_tapes[microbatch] = _Saved(inputs, targets, tape,
+                                              layer_grads.usable(calls, self.trainable_variables, extra)
+                                              if per_layer else None)
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         return y
@@ -211,19 +226,24 @@ class Stage:
         with tf.device(self.device):
             out_grads = _output_gradients(saved, grad, self.loss_scale)
             saved.input_grads = out_grads
-            if not saved.inputs:
-                return None
-            grads = saved.tape.gradient(saved.targets, saved.inputs, output_gradients=out_grads)
-            return self._check_grads(microbatch, grads, len(saved.inputs), [])
+            # one walk: the input gradient, and every layer call's output gradient when W takes those
+            grads, saved.layer_grads = layer_grads.input_gradients(saved.tape, saved.targets, saved.inputs,
+                                                                   saved.layer_calls, out_grads)
+            return self._check_grads(microbatch, grads, len(saved.inputs), []) if saved.inputs else None
+
+    def held_gradients(self, microbatch: int) -> list[tf.Tensor]:
+        """What B computed for W of ``microbatch`` (the layer calls' output gradients), for chaining B."""
+        saved = self.saved_tapes.get(microbatch)
+        return [] if saved is None else [g for g in saved.layer_grads if g is not None]
 
     def backward_weight(self, microbatch: int) -> None:
         """Second half of a split backward: accumulate the weight gradients."""
         saved = self.saved_tapes.pop(microbatch)
+        variables = self.trainable_variables
         with tf.device(self.device):
-            grads = saved.tape.gradient(
-                saved.targets, self.trainable_variables, output_gradients=saved.input_grads
-            )
-            self.accumulate(self._check_grads(microbatch, grads, 0, self.trainable_variables))
+            grads = layer_grads.weight_gradients(saved.tape, saved.targets, variables, saved.layer_calls,
+                                                 saved.layer_grads, saved.input_grads)
+            self.accumulate(self._check_grads(microbatch, grads, 0, variables))
         self.in_flight -= 1
 
     def add_regularization(self) -> tf.Tensor | None:

@@ -59,6 +59,13 @@ def open_batch_spec(x: Any) -> Any:
     return tf.nest.map_structure(spec, x)
 
 
+def root_scope(layer: Any) -> Any:
+    """A name scope to call ``layer`` in at a function graph's root: TensorFlow refuses a root scope
+    named like Keras names a class ``_Private`` (``"_private"``), so such a call gets one scope above it."""
+    name = getattr(layer, "name", "") or ""
+    return contextlib.nullcontext() if name[:1].isalnum() or name[:1] == "." else tf.name_scope("call")
+
+
 _INLINE_ALL = [False]
 
 
@@ -108,7 +115,7 @@ class TracedCalls:
         function = self.functions.get(key)
         if function is None:
             def call(inp: Any) -> tuple[Any, list[tf.Tensor]]:
-                with tf.device(self.device):
+                with tf.device(self.device), root_scope(self.layer):
                     return plain_call(self.layer, inp, bool(training), bool(recompute))
             function = tf.function(call, input_signature=[spec], autograph=False,
                                    experimental_attributes=None if inline else {"_noinline": True})

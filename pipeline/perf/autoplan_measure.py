@@ -68,10 +68,14 @@ def _batch_axis_bytes(layer: Any, inp: Any) -> int:
 def _split_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any, Any, Any]]:
     """Per stage: its micro-batch input, a loop of forward + input gradient (B), and of forward + B + W.
 
-    As :meth:`pipeline.core.stage.Stage.backward_input` / ``backward_weight`` do, one persistent tape gives
-    the input gradient and then, in a second call, the weight gradients (summed over runs).
+    As :meth:`pipeline.core.stage.Stage.backward_input` / ``backward_weight`` do: B takes the input
+    gradient and the layer calls' output gradients in one walk, W the weight gradients from those
+    (:mod:`pipeline.core.layer_grads`; or a second walk of the tape where that does not apply), summed
+    over runs.
     """
     import tensorflow as tf
+
+    from pipeline.core import layer_grads, traced
 
     loops = []
     for stage in stages:
@@ -88,11 +92,16 @@ def _split_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any,
                         sources = [t for t in tf.nest.flatten(nudged) if t.dtype.is_floating] if watch else []
                         with tf.GradientTape(persistent=True) as tape:
                             tape.watch(sources)
-                            outs = tf.nest.flatten(layer(nudged, training=True))
+                            with layer_grads.recording(layer) as calls:
+                                y, extra = traced.plain_call(layer, nudged, True, recompute=False)
+                            outs = tf.nest.flatten(y)
+                        calls = layer_grads.usable(calls, variables, extra)
                         seeds = [tf.ones_like(o) for o in outs]
-                        got = [g for g in tape.gradient(outs, sources, output_gradients=seeds) if g is not None]
+                        got, held = layer_grads.input_gradients(tape, outs, sources, calls, seeds)
+                        got = [g for g in got + held if g is not None]
                         if weights:
-                            grads = [g for g in tape.gradient(outs, variables, output_gradients=seeds) if g is not None]
+                            grads = layer_grads.weight_gradients(tape, outs, variables, calls, held, seeds)
+                            grads = [g for g in grads if g is not None]
                             acc = grads if acc is None else [a + g for a, g in zip(acc, grads)]
                             got += acc
                         carry = tf.add_n([tf.cast(tf.reshape(o, [-1])[0], tf.float32) for o in got or outs]) * 1e-30
