@@ -214,8 +214,8 @@ class Executor:
             return mb_lib.merge([outputs.pop((num_stages - 1, j)) for j in range(m)])
 
 
-def done_marker(produced: list[tf.Tensor], device: str) -> tf.Operation:
-    """One op that runs when every tensor in ``produced`` exists: what the device's next action waits for.
+def done_marker(produced: list[tf.Tensor], device: str) -> tf.Tensor:
+    """A tensor that exists when every tensor in ``produced`` exists: what the device's next action waits for.
 
     A control dependency on a function call op waits only for the function's stateful
     ops once the runtime inlines the body; a data input waits for the value itself::
@@ -223,7 +223,7 @@ def done_marker(produced: list[tf.Tensor], device: str) -> tf.Operation:
         0F0 body ops --data--> IdentityN --ctrl--> 0F1
     """
     with tf.device(device):
-        return tf.raw_ops.IdentityN(input=produced)[0].op
+        return tf.raw_ops.IdentityN(input=produced)[0]
 
 
 def shared_devices(stages: Sequence[Stage]) -> int | None:

@@ -77,9 +77,11 @@ class _Chain:
         return tf.control_dependencies([token] if token is not None else [])
 
     def done(self, s: int, produced: list[tf.Tensor]) -> None:
+        from pipeline.core.executor import done_marker  # noqa: PLC0415 - the executor imports this module
+
         with tf.device(self.devices[s]):
             seed = tf.constant(0) if self.tokens[s] is None else self.tokens[s]
-            self.tokens[s] = tf.raw_ops.IdentityN(input=[seed] + [t for t in produced if t is not None])[0]
+        self.tokens[s] = done_marker([seed] + [t for t in produced if t is not None], self.devices[s])
 
 
 class LoopedGPipe:
