@@ -118,3 +118,13 @@ def test_dropout_and_batchnorm_train_as_under_1f1b_and_each_layer_is_traced_once
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert functions["zb_h1", 6] == functions["zb_h1", 3]
     assert all(n > 0 for n in functions["zb_h1", 6]) and functions["1f1b", 6] == [0, 0]
+
+
+def test_disabled_asks_the_tape_twice_with_the_same_gradients(per_layer):
+    """The reference ``pipeline bench`` times against: W from a second walk of the stage tape."""
+    x, y = _regression_data()
+    with layer_grads.disabled():
+        report = pipeline.verify(_shared_and_nested(), x, y, keras.losses.MeanSquaredError(), microbatches=3,
+                                 schedule="zb_h1")
+    assert report.ok, str(report)
+    assert per_layer["tape"] > 0 and per_layer["calls"] == 0

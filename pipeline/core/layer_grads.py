@@ -152,9 +152,22 @@ def recording(layer: keras.layers.Layer, functions: LayerFunctions | None = None
         yield calls
 
 
+_DISABLED = [False]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block, split backwards traced here ask the tape twice (the reference ``pipeline bench`` times)."""
+    _DISABLED.append(True)
+    try:
+        yield
+    finally:
+        _DISABLED.pop()
+
+
 def usable(calls: LayerCalls | None, variables: Sequence[Any], call_losses: Sequence[Any]) -> LayerCalls | None:
     """``calls`` when W can be taken from them exactly (every variable read in a call, no call-time loss)."""
-    if calls is None or call_losses or not calls.calls or not calls.covers(variables):
+    if _DISABLED[-1] or calls is None or call_losses or not calls.calls or not calls.covers(variables):
         return None
     return calls
 
