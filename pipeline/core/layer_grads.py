@@ -47,7 +47,7 @@ class LayerFunctions:
     def __init__(self) -> None:
         self.functions: dict[tuple, Any] = {}
         self.plain: set[int] = set()
-        """Layers (``id``) whose outputs carry a mask: always called plainly."""
+        """Layers (``id``) called plainly from now on (their outputs carry a mask, or they are not traceable)."""
 
     def __len__(self) -> int:
         return len(self.functions)
