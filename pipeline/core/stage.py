@@ -171,8 +171,9 @@ class Stage:
             per_layer = self.split_backward and not self.recompute
             with tf.GradientTape(persistent=self.split_backward) as tape:
                 tape.watch([t for t in inputs if t.dtype.is_floating])  # int ids, bool masks: no gradient
-                recording = layer_grads.recording(self.layer, self.layer_functions)
-                with recording if per_layer else contextlib.nullcontext() as calls:
+                recording = (layer_grads.recording(self.layer, self.layer_functions) if per_layer
+                             else contextlib.nullcontext())
+                with recording as calls:
                     if calls is not None:  # W from the layer calls' own tapes (each call traced once)
                         y, extra = traced.plain_call(self.layer, x, training, recompute=False)
                     else:  # a split backward differentiates twice: inlined, each half keeps only the ops it needs
