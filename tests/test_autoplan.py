@@ -4,6 +4,7 @@ The choice logic is checked against the simulator by brute force on fixed :class
 timing); the wiring trains an auto model and compares it with the unsplit Keras model.
 """
 
+import dataclasses
 import json
 
 import keras
@@ -78,6 +79,39 @@ def test_peak_memory_per_device_follows_the_schedule():
     assert gpipe == [5000 + 4 * rows * 1010, 7000 + 4 * rows * 3100]  # GPipe keeps all M micro-batches
     assert one_f == [5000 + 2 * rows * 1010, 7000 + 1 * rows * 3100]  # 1F1B: at most K - i on stage i
     assert again == [5000 + 2 * rows * 10 + rows * 1000, 7000 + rows * 100 + rows * 3000]  # inputs + one rerun
+
+
+def test_split_stages_hold_their_layer_output_gradients_from_b_to_w():
+    # zb_h1 (K=2, M=4) rows: 0F0 0F1 0B0 0W0 0F2 0B1 0W1 ... and 1F0 1B0 1F1 1B1 1W0 1F2 1B2 1W1 ...
+    held = dataclasses.replace(_profile(activation=(1000, 3000), inputs=(10, 100), static=(5000, 7000)),
+                               held_bytes=(400, 700))
+    rows = B // 4
+    peaks = autoplan.device_peaks(sched.zb_h1(K, 4), held, rows, recompute=False)
+    assert peaks == [5000 + rows * (2 * 1010 + 400), 7000 + rows * (2 * 3100 + 2 * 700)]
+    without = dataclasses.replace(held, held_bytes=None)
+    assert autoplan.device_peaks(sched.zb_h1(K, 4), without, rows, recompute=False) == [
+        5000 + rows * 2 * 1010, 7000 + rows * 2 * 3100]
+    # recomputed split stages take W from a second walk of the tape: nothing held beside the inputs
+    assert (autoplan.device_peaks(sched.zb_h1(K, 4), held, rows, recompute=True)
+            == autoplan.device_peaks(sched.zb_h1(K, 4), without, rows, recompute=True))
+    assert autoplan.device_peaks(sched.one_f_one_b(K, 4), held, rows, recompute=False) == autoplan.device_peaks(
+        sched.one_f_one_b(K, 4), without, rows, recompute=False)
+
+
+def test_held_bytes_are_the_layer_calls_outputs_or_zero_where_w_walks_the_tape_again():
+    x = np.zeros((3, 5), np.float32)
+    functional = keras.Sequential([keras.Input((5,)), keras.layers.Dense(7), keras.layers.Dense(2)])
+    assert autoplan_measure._held_bytes(functional, x) == 4 * (7 + 2)
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(7)
+
+        def call(self, t):
+            return self.dense(t)
+
+    assert autoplan_measure._held_bytes(Subclassed(), x) == 0
 
 
 def test_budget_drops_plans_that_do_not_fit():

@@ -54,6 +54,9 @@ class Profile:
     split_costs: Mapping[int, Sequence[sim.StageCost]] | None = None
     """Per M, the costs of a split backward (``StageCost(F, B + W, W)``) for schedules with W actions;
     None: those schedules use ``costs`` (W = half of the backward)."""
+    held_bytes: Sequence[int] | None = None
+    """Per stage, bytes per sample that a split backward holds from B to W beside the activations: the layer
+    calls' output gradients (:mod:`pipeline.core.layer_grads`; 0 where W asks the tape again). None: 0."""
 
     @property
     def num_stages(self) -> int:
@@ -224,10 +227,15 @@ def device_peaks(schedule: sched.Schedule, profile: Profile, rows_per_mb: int, r
 
     A micro-batch of stage s is alive from its F until its B (its W where the stage splits backward); it
     keeps ``input + activations`` bytes, or only the input when recomputed, plus one recomputation's
-    activations while a backward of that device runs.
+    activations while a backward of that device runs. A split, not recomputed stage also holds its layer
+    calls' output gradients from B to W (``profile.held_bytes``)::
+
+        stage row:   F0 ........ B0 ...... W0          alive: input + activations  F0 -> W0
+                                 |<-held->|             + held output gradients    B0 -> W0
     """
     stage_devices = profile.devices()
     split = {a.stage for row in schedule for a in row if a.op is sched.W}
+    held = list(profile.held_bytes or [0] * profile.num_stages)
     peaks = []
     for row in _rows(schedule, stage_devices):
         stages = sorted({a.stage for a in row})
@@ -236,10 +244,13 @@ def device_peaks(schedule: sched.Schedule, profile: Profile, rows_per_mb: int, r
         for a in row:
             activations = 0 if recompute else profile.activation_bytes[a.stage]
             keep = rows_per_mb * (profile.input_bytes[a.stage] + activations)
+            between = 0 if recompute or a.stage not in split else rows_per_mb * held[a.stage]
             if a.op is sched.F:
                 live += keep
-            elif a.op is (sched.W if a.stage in split else sched.B):
-                live -= keep
+            elif a.op is sched.B:
+                live += between - (0 if a.stage in split else keep)
+            elif a.op is sched.W:
+                live -= keep + between
             peak = max(peak, live)
         transient = rows_per_mb * max(profile.activation_bytes[s] for s in stages) if recompute and stages else 0
         peaks.append(int(static + peak + transient))

@@ -54,15 +54,37 @@ def _batch_axis_bytes(layer: Any, inp: Any) -> int:
 
     spec = tf.nest.map_structure(lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), inp)
     graph = tf.function(lambda t: layer(t, training=True)).get_concrete_function(spec).graph
-    total = 0
-    for op in graph.get_operations():
-        if op.type in ("Placeholder", "Const", "ReadVariableOp", "Shape"):
-            continue
-        for out in op.outputs:
-            shape = out.shape
-            if shape.rank and shape[0] is None and all(d is not None for d in shape[1:]):
-                total += int(shape[1:].num_elements()) * out.dtype.size
-    return total
+    return sum(_per_sample_bytes(out) for op in graph.get_operations()
+               if op.type not in ("Placeholder", "Const", "ReadVariableOp", "Shape") for out in op.outputs)
+
+
+def _held_bytes(layer: Any, inp: Any) -> int:
+    """Bytes per sample that a split backward holds from B to W: the layer calls' output gradients
+    (:mod:`pipeline.core.layer_grads`), 0 where W asks the tape again instead."""
+    import tensorflow as tf
+
+    from pipeline.core import layer_grads, traced
+
+    spec = tf.nest.map_structure(lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), inp)
+    held: list[int] = []
+
+    def forward(t: Any) -> Any:
+        with layer_grads.recording(layer) as calls:
+            y, extra = traced.plain_call(layer, t, True, recompute=False)
+        calls = layer_grads.usable(calls, list(layer.trainable_variables), extra)
+        held.append(0 if calls is None else sum(_per_sample_bytes(o) for o in calls.outputs()))
+        return y
+
+    tf.function(forward).get_concrete_function(spec)
+    return held[-1]
+
+
+def _per_sample_bytes(t: Any) -> int:
+    """Bytes of one row of ``t`` when its first axis is the (unknown) batch axis, else 0."""
+    shape = t.shape
+    if shape.rank and shape[0] is None and all(d is not None for d in shape[1:]):
+        return int(shape[1:].num_elements()) * t.dtype.size
+    return 0
 
 
 def _split_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any, Any, Any]]:
@@ -170,12 +192,13 @@ def measure_profile(stages: Sequence[Any], x: Any, ms: Sequence[int], optimizer:
             if with_split:
                 new = measure_split_costs(stages, part, costs[m], repeats, calls, under_load=m > 1)
                 split[m] = [_least(a, b) for a, b in zip(split.get(m, new), new)]
-    activation, inputs, static = [], [], []
+    activation, inputs, static, held = [], [], [], []
     slots = optimizer_slots(optimizer)
     h = x
     for stage in stages:
         inputs.append(_nbytes(h) // size)
         activation.append(_batch_axis_bytes(stage.layer, h))
+        held.append(_held_bytes(stage.layer, h) if with_split else 0)
         trained = sum(int(v.numpy().nbytes) for v in stage.layer.trainable_variables)
         count = sum(int(tf.size(v)) for v in stage.layer.trainable_variables)
         every = sum(int(v.numpy().nbytes) for v in stage.layer.variables)
@@ -184,7 +207,7 @@ def measure_profile(stages: Sequence[Any], x: Any, ms: Sequence[int], optimizer:
             h = stage.layer(h, training=False)
     names = list(dict.fromkeys(stage.device for stage in stages))
     return autoplan.Profile(size, costs, activation, inputs, static, [names.index(s.device) for s in stages],
-                            split or None)
+                            split or None, held)
 
 
 def _least(a: Any, b: Any) -> Any:
