@@ -36,6 +36,8 @@ def test_quick_bench_structure(in_process):
         + [("zb_h1", False, m) for m in (2, 4)])  # interleaved_1f1b skipped: K=2 stages on 2 devices is 1f1b
     assert "  interleaved_1f1b: skipped, K=2 stages on 2 devices run it as 1f1b" in " ".join(lines)
     assert all(isinstance(r["tf_peak_mb"], float) and r["tf_peak_mb"] > 0 for r in mem), mem
+    assert all(r["predicted_peak_mb"] > 0 for r in mem), mem  # the planner's estimate beside each measured peak
+    assert any("(planner's estimate" in line for line in lines), lines
     assert set(out["memory"]["growth"]) == {"gpipe", "gpipe +recompute", "1f1b", "1f1b +recompute", "zb_h1"}
     assert all(math.isfinite(g) for g in out["memory"]["growth"].values())  # NaN where a peak is missing
     # Gradients of the split CNN, each way, against one tape over the unsplit model (in the point's process).

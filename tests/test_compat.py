@@ -1,5 +1,6 @@
 """Contract tests of pipeline/core/_compat.py: each shim against real Keras/TF objects, so a Keras change fails here."""
 
+import contextlib
 import glob
 import os
 import tomllib
@@ -401,3 +402,35 @@ def test_each_layer_call_wraps_the_top_level_calls_only_and_restores_keras():
     assert _compat.is_graph_model(model) and _compat.is_graph_model(keras.Sequential([keras.Input((4,)),
                                                                                       keras.layers.Dense(2)]))
     assert not _compat.is_graph_model(keras.layers.Dense(2))
+
+
+def _weight_shaped_zeros(capped: bool) -> int:
+    """Fill/ZerosLike ops shaped like the kernel in the graph of a persistent tape's gradient of a traced call."""
+    dense = keras.layers.Dense(32)
+    dense.build((None, 32))
+    call = tf.function(lambda t: dense(t))
+
+    @tf.function
+    def step(x):
+        block = _compat.first_order_function_calls() if capped else contextlib.nullcontext()
+        with tf.GradientTape(persistent=True) as tape, block:
+            tape.watch(x)
+            y = call(x)
+        return tape.gradient(y, x), tape.gradient(y, dense.kernel)
+
+    graph = step.get_concrete_function(tf.TensorSpec((4, 32))).graph
+    np.testing.assert_allclose(step(tf.ones((4, 32)))[1], 4 * np.ones((32, 32)), rtol=1e-6)
+    return sum(1 for op in graph.get_operations()
+               if op.type in ("Fill", "ZerosLike") and op.outputs[0].shape == (32, 32))
+
+
+def test_first_order_function_calls_drops_the_higher_order_zeros_and_restores_tensorflow():
+    """Under a persistent tape TensorFlow records a traced call for higher-order gradients: each backward is fed
+    zeros of every intermediate's shape, the kernel's included (folded into constants that live with the graph).
+    Capped at first order, it is not, and the gradients are the same."""
+    from tensorflow.python.ops import gradients_util
+
+    original = gradients_util.PossibleTapeGradientTypes
+    assert _weight_shaped_zeros(capped=False) > 0  # what the shim is for: if 0, TensorFlow changed
+    assert _weight_shaped_zeros(capped=True) == 0
+    assert gradients_util.PossibleTapeGradientTypes is original

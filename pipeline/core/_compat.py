@@ -331,6 +331,36 @@ def each_layer_call(wrap: Any) -> Iterator[None]:
         functional.operation_fn = original
 
 
+@contextlib.contextmanager
+def first_order_function_calls() -> Iterator[None]:
+    """Within the block, a ``tf.function`` called under a persistent tape or under nested tapes is
+    recorded with its first-order gradient, as under one plain tape.
+
+    TensorFlow records such a call for higher-order gradients: its forward returns every
+    intermediate (weight reads included), and each backward takes a gradient for each of them, zeros
+    for all but the real outputs. Those zeros (``Fill`` of every weight's shape, per call site) are
+    folded into constants that live as long as the step graph: memory that grows with M. The split
+    backward asks its tapes for first-order gradients only (twice: B, then W), never for the
+    gradient of a gradient, so the first-order pair (the delayed rewrite) is exact. ``PossibleTapeGradientTypes``
+    is what ``ConcreteFunction`` asks to choose; this caps its answer at first order.
+    """
+    from tensorflow.python.ops import gradients_util  # noqa: PLC0415
+
+    original = _private(gradients_util, "PossibleTapeGradientTypes",
+                        "tensorflow.python.ops.gradients_util.PossibleTapeGradientTypes (tape gradient order)")
+    first = _private(gradients_util, "POSSIBLE_GRADIENT_TYPES_FIRST_ORDER",
+                     "tensorflow.python.ops.gradients_util.POSSIBLE_GRADIENT_TYPES_FIRST_ORDER")
+
+    def capped(tensors: Any) -> int:
+        return min(original(tensors), first)
+
+    gradients_util.PossibleTapeGradientTypes = capped
+    try:
+        yield
+    finally:
+        gradients_util.PossibleTapeGradientTypes = original
+
+
 # --- loss scaling (mixed_float16) -----------------------------------------------------------
 
 def loss_scale_step(optimizer: keras.optimizers.LossScaleOptimizer, finite: Any, grads: list[Any],

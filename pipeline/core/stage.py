@@ -84,10 +84,11 @@ class Stage:
         """Set by the executor when the schedule splits this stage's backward into B and W
         (zero-bubble): the tape is then kept for the second gradient call."""
         self.traced_calls = traced.TracedCalls(layer, device)
+        """The layer call traced once per stage and called per micro-batch (:mod:`pipeline.core.traced`)."""
         self.layer_functions = layer_grads.LayerFunctions()
         """A split stage's layer calls, each traced once (:mod:`pipeline.core.layer_grads`)."""
         self.accumulator = traced.Accumulator()
-        """The layer call traced once per stage and called per micro-batch (:mod:`pipeline.core.traced`)."""
+        """Adds each micro-batch's gradients into the float32 sums (one traced call per backward)."""
 
     def __repr__(self) -> str:
         return f"Stage({self.index}, {self.layer.name!r}, device={self.device!r})"
@@ -169,7 +170,9 @@ class Stage:
                 return y
             inputs = [] if self.is_first else [t for t in tf.nest.flatten(x)]
             per_layer = self.split_backward and not self.recompute
-            with tf.GradientTape(persistent=self.split_backward) as tape:
+            # a split backward asks a persistent tape, or nested ones, for first-order gradients only
+            first_order = _compat.first_order_function_calls() if self.split_backward else contextlib.nullcontext()
+            with tf.GradientTape(persistent=self.split_backward) as tape, first_order:
                 tape.watch([t for t in inputs if t.dtype.is_floating])  # int ids, bool masks: no gradient
                 recording = (layer_grads.recording(self.layer, self.layer_functions) if per_layer
                              else contextlib.nullcontext())

@@ -9,6 +9,7 @@ bytes from the variables and the optimizer's slots per variable.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import shutil
@@ -97,7 +98,7 @@ def _split_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any,
     """
     import tensorflow as tf
 
-    from pipeline.core import layer_grads, traced
+    from pipeline.core import _compat, layer_grads, traced
 
     loops = []
     for stage in stages:
@@ -112,7 +113,7 @@ def _split_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any,
                         nudged = tf.nest.map_structure(
                             lambda t: t + tf.cast(carry, t.dtype) if t.dtype.is_floating else t, inp)
                         sources = [t for t in tf.nest.flatten(nudged) if t.dtype.is_floating] if watch else []
-                        with tf.GradientTape(persistent=True) as tape:
+                        with tf.GradientTape(persistent=True) as tape, _compat.first_order_function_calls():
                             tape.watch(sources)
                             with layer_grads.recording(layer) as calls:
                                 y, extra = traced.plain_call(layer, nudged, True, recompute=False)
@@ -177,11 +178,8 @@ def measure_profile(stages: Sequence[Any], x: Any, ms: Sequence[int], optimizer:
         rounds: passes over ``ms``, interleaved; per stage the smallest forward and backward are kept
             (other work on the machine only ever adds time).
     """
-    import tensorflow as tf
-
     from pipeline.core import microbatch as mb_lib
 
-    size = int(mb_lib.batch_size(x))
     costs: dict[int, list[Any]] = {}
     split: dict[int, list[Any]] = {}
     for _ in range(max(1, rounds)):  # interleaved rounds, the least disturbed (smallest) time kept
@@ -192,6 +190,23 @@ def measure_profile(stages: Sequence[Any], x: Any, ms: Sequence[int], optimizer:
             if with_split:
                 new = measure_split_costs(stages, part, costs[m], repeats, calls, under_load=m > 1)
                 split[m] = [_least(a, b) for a, b in zip(split.get(m, new), new)]
+    return dataclasses.replace(memory_profile(stages, x, optimizer, with_split), costs=costs,
+                               split_costs=split or None)
+
+
+def memory_profile(stages: Sequence[Any], x: Any, optimizer: Any = None, with_split: bool = True) -> autoplan.Profile:
+    """The byte counts of :class:`~pipeline.perf.autoplan.Profile` (no timing: ``costs`` is empty).
+
+    Args:
+        stages: the built, placed stages; x: one mini-batch of inputs.
+        optimizer: the model's optimizer (its slots count as static bytes), or None.
+        with_split: also measure what a split backward holds from B to W (``held_bytes``).
+    """
+    import tensorflow as tf
+
+    from pipeline.core import microbatch as mb_lib
+
+    size = int(mb_lib.batch_size(x))
     activation, inputs, static, held = [], [], [], []
     slots = optimizer_slots(optimizer)
     h = x
@@ -206,8 +221,8 @@ def measure_profile(stages: Sequence[Any], x: Any, ms: Sequence[int], optimizer:
         with tf.device(stage.device):
             h = stage.layer(h, training=False)
     names = list(dict.fromkeys(stage.device for stage in stages))
-    return autoplan.Profile(size, costs, activation, inputs, static, [names.index(s.device) for s in stages],
-                            split or None, held)
+    return autoplan.Profile(size, {}, activation, inputs, static, [names.index(s.device) for s in stages],
+                            None, held)
 
 
 def _least(a: Any, b: Any) -> Any:

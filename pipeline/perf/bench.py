@@ -273,13 +273,15 @@ def _section_memory(cfg: dict[str, Any], out: dict[str, Any], log: Any) -> None:
                 point = {"kind": "step", "mode": "pipeline", "k": 2, "m": m, "schedule": schedule,
                          "recompute": recompute, "width": cfg["mem_width"], "layers": cfg["layers"] * 2,
                          "batch": cfg["mem_micro"] * m, "in_dim": 8, "out_dim": 8, "steps": 1,
-                         "threads": [1, 2]}
+                         "threads": [1, 2], "predict_memory": True}
                 r = run_point(point)
                 mem.append({"schedule": schedule, "recompute": recompute, "m": m, "rss_mb": r["rss_mb"],
-                            "tf_peak_mb": r["tf_peak_mb"], "step": r["step"]})
+                            "tf_peak_mb": r["tf_peak_mb"], "predicted_peak_mb": r["predicted_peak_mb"],
+                            "step": r["step"]})
                 peak = "not available" if r["tf_peak_mb"] is None else f"{r['tf_peak_mb']:7.1f} MB"
                 log(f"  {schedule:<5} recompute={str(recompute):<5} M={m:<3} TF peak during a step "
-                    f"{peak}, process peak RSS {r['rss_mb']:.0f} MB, step {r['step']:.3f} s")
+                    f"{peak} (planner's estimate {r['predicted_peak_mb']:7.1f} MB), process peak RSS "
+                    f"{r['rss_mb']:.0f} MB, step {r['step']:.3f} s")
     out["memory"] = {"rows": mem, "growth": _growth(mem, cfg["mem_ms"], "tf_peak_mb"),
                      "rss_growth": _growth(mem, cfg["mem_ms"], "rss_mb")}
     if any(r["tf_peak_mb"] is None for r in mem):

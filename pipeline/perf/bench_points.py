@@ -60,6 +60,9 @@ def point_step(p: dict[str, Any]) -> dict[str, Any]:
     from pipeline.perf.measure import contention_factor, measure_stage_costs
     from pipeline.perf.trace import run_measured
 
+    if p.get("predict_memory") and p["mode"] == "pipeline":
+        result["predicted_peak_mb"] = _predicted_peak_mb(model, x, p)
+
     if p.get("efficiency") and p["mode"] == "pipeline":
         def work(inp: Any) -> float:
             return sum(c.forward + c.backward
@@ -86,6 +89,21 @@ def point_step(p: dict[str, Any]) -> dict[str, Any]:
                              "overlap_fraction": threads["overlap"] / span if span else 0.0,
                              "busy_fraction": [b / span for b in threads["threads"].values()] if span else []}
     return result
+
+
+def _predicted_peak_mb(model: Any, x: Any, p: dict[str, Any]) -> float:
+    """The planner's memory estimate of the point's plan (:func:`pipeline.perf.autoplan.device_peaks`),
+    summed over its devices: the logical CPU devices share the one allocator whose peak is measured."""
+    from pipeline.core import microbatch as mb_lib
+    from pipeline.core import schedule as sched
+    from pipeline.perf import autoplan, autoplan_measure
+
+    name = p.get("schedule", "1f1b")
+    profile = autoplan_measure.memory_profile(model.stages, x, model.optimizer,
+                                              with_split=autoplan.splits_backward(name))
+    rows = mb_lib.sizes(len(x), p["m"])[0]
+    plan = sched.get(name)(p.get("k", 2), p["m"])
+    return sum(autoplan.device_peaks(plan, profile, rows, p.get("recompute", False))) / 2**20
 
 
 def overhead(p: dict[str, Any]) -> dict[str, Any]:
