@@ -424,13 +424,10 @@ def _weight_shaped_zeros(capped: bool) -> int:
                if op.type in ("Fill", "ZerosLike") and op.outputs[0].shape == (32, 32))
 
 
-def test_first_order_function_calls_drops_the_higher_order_zeros_and_restores_tensorflow():
+def test_first_order_function_calls_drops_the_higher_order_zeros_inside_the_block_only():
     """Under a persistent tape TensorFlow records a traced call for higher-order gradients: each backward is fed
     zeros of every intermediate's shape, the kernel's included (folded into constants that live with the graph).
     Capped at first order, it is not, and the gradients are the same."""
-    from tensorflow.python.ops import gradients_util
-
-    original = gradients_util.PossibleTapeGradientTypes
     assert _weight_shaped_zeros(capped=False) > 0  # what the shim is for: if 0, TensorFlow changed
     assert _weight_shaped_zeros(capped=True) == 0
-    assert gradients_util.PossibleTapeGradientTypes is original
+    assert _weight_shaped_zeros(capped=False) > 0  # outside the block TensorFlow answers as before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 from typing import Any, Iterator
 
 import keras
@@ -331,34 +332,50 @@ def each_layer_call(wrap: Any) -> Iterator[None]:
         functional.operation_fn = original
 
 
+_FIRST_ORDER = threading.local()
+_FIRST_ORDER_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def first_order_function_calls() -> Iterator[None]:
-    """Within the block, a ``tf.function`` called under a persistent tape or under nested tapes is
-    recorded with its first-order gradient, as under one plain tape.
+    """Within the block (in this thread), a ``tf.function`` called under a persistent tape or under nested
+    tapes is recorded with its first-order gradient, as under one plain tape.
 
     TensorFlow records such a call for higher-order gradients: its forward returns every
     intermediate (weight reads included), and each backward takes a gradient for each of them, zeros
     for all but the real outputs. Those zeros (``Fill`` of every weight's shape, per call site) are
     folded into constants that live as long as the step graph: memory that grows with M. The split
     backward asks its tapes for first-order gradients only (twice: B, then W), never for the
-    gradient of a gradient, so the first-order pair (the delayed rewrite) is exact. ``PossibleTapeGradientTypes``
-    is what ``ConcreteFunction`` asks to choose; this caps its answer at first order.
+    gradient of a gradient, so the first-order pair (the delayed rewrite) is exact. ``ConcreteFunction``
+    asks ``gradients_util.PossibleTapeGradientTypes`` which pair to record; a wrapper, installed once,
+    caps its answer at first order inside this block and passes it through unchanged elsewhere.
     """
-    from tensorflow.python.ops import gradients_util  # noqa: PLC0415
-
-    original = _private(gradients_util, "PossibleTapeGradientTypes",
-                        "tensorflow.python.ops.gradients_util.PossibleTapeGradientTypes (tape gradient order)")
-    first = _private(gradients_util, "POSSIBLE_GRADIENT_TYPES_FIRST_ORDER",
-                     "tensorflow.python.ops.gradients_util.POSSIBLE_GRADIENT_TYPES_FIRST_ORDER")
-
-    def capped(tensors: Any) -> int:
-        return min(original(tensors), first)
-
-    gradients_util.PossibleTapeGradientTypes = capped
+    _install_first_order_cap()
+    depth = getattr(_FIRST_ORDER, "depth", 0)
+    _FIRST_ORDER.depth = depth + 1
     try:
         yield
     finally:
-        gradients_util.PossibleTapeGradientTypes = original
+        _FIRST_ORDER.depth = depth
+
+
+def _install_first_order_cap() -> None:
+    from tensorflow.python.ops import gradients_util  # noqa: PLC0415
+
+    with _FIRST_ORDER_LOCK:
+        current = _private(gradients_util, "PossibleTapeGradientTypes",
+                           "tensorflow.python.ops.gradients_util.PossibleTapeGradientTypes (tape gradient order)")
+        if getattr(current, "pipeline_first_order_cap", False):
+            return
+        first = _private(gradients_util, "POSSIBLE_GRADIENT_TYPES_FIRST_ORDER",
+                         "tensorflow.python.ops.gradients_util.POSSIBLE_GRADIENT_TYPES_FIRST_ORDER")
+
+        def possible_tape_gradient_types(tensors: Any) -> int:
+            answer = current(tensors)
+            return min(answer, first) if getattr(_FIRST_ORDER, "depth", 0) else answer
+
+        possible_tape_gradient_types.pipeline_first_order_cap = True  # type: ignore[attr-defined]
+        gradients_util.PossibleTapeGradientTypes = possible_tape_gradient_types
 
 
 # --- loss scaling (mixed_float16) -----------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from pipeline.perf import simulate as sim
 
-FULL = {"sched_width": 256, "sched_layers": 8, "sched_batch": 512, "sched_ms": [4, 8], "sched_steps": 6}
+FULL = {"sched_width": 256, "sched_layers": 8, "sched_batch": 2048, "sched_ms": [4, 8], "sched_steps": 6}
 QUICK = {"sched_width": 16, "sched_layers": 2, "sched_batch": 16, "sched_ms": [4], "sched_steps": 2}
 
 CASES = (("1f1b", 2), ("zb_h1", 2), ("interleaved_1f1b", 4))
