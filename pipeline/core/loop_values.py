@@ -100,32 +100,48 @@ class Arrays:
 
 
 class Packing:
-    """Packs a flat list of scalar loop values into one float32 vector per device, and back.
+    """Packs a flat list of scalar loop values into one float32 vector per group, and back.
+
+    A group is the values of one device that one writer updates (by default: one group per
+    device). Grouping by writer keeps a device's next tick from waiting for another device: a
+    flow that the previous stage's action updates travels apart from the device's own counter
+    and token, so the device's next action starts on its own and only its read of that array
+    waits for the write::
+
+        device 0, backward:  [j0, token0]          own: recompute of tick u+1 starts at once
+                             [cut_grads[0] flow]    written by stage 1: only the read waits
 
     Float32 holds every value exactly: array flows and the loss are float32, counters and
-    tokens are small integers. Non-scalars (none today) would travel as they are."""
+    tokens are small integers. Non-scalars (none today) would travel as they are.
 
-    def __init__(self, values: list[tf.Tensor]):
+    Args:
+        values: the loop's initial values.
+        writers: per value, who updates it in the loop (values with the same device and writer are
+            packed together); default: the value's device.
+    """
+
+    def __init__(self, values: list[tf.Tensor], writers: Sequence[str] | None = None):
         self.dtypes = [v.dtype for v in values]
-        self.groups: dict[str, list[int]] = {}
+        self.groups: dict[tuple[str, str], list[int]] = {}
         self.alone: list[int] = []
         for i, v in enumerate(values):
             if v.shape.rank == 0 and (v.dtype.is_floating or v.dtype.is_integer) and v.dtype.size <= 4:
-                self.groups.setdefault(v.device, []).append(i)
+                writer = v.device if writers is None else writers[i]
+                self.groups.setdefault((v.device, writer), []).append(i)
             else:
                 self.alone.append(i)
         self.size = len(values)
 
     def pack(self, values: list[tf.Tensor]) -> list[tf.Tensor]:
         packed = []
-        for device, members in self.groups.items():
+        for (device, _), members in self.groups.items():
             with tf.device(device or None):
                 packed.append(tf.stack([tf.cast(values[i], tf.float32) for i in members]))
         return packed + [values[i] for i in self.alone]
 
     def unpack(self, packed: Sequence[tf.Tensor]) -> list[tf.Tensor]:
         values: list[Any] = [None] * self.size
-        for (device, members), vector in zip(self.groups.items(), packed):
+        for ((device, _), members), vector in zip(self.groups.items(), packed):
             with tf.device(device or None):
                 for i, part in zip(members, tf.unstack(vector, num=len(members))):
                     values[i] = tf.cast(part, self.dtypes[i])

@@ -142,6 +142,12 @@ class _Phase:
     def action(self, s: int, j: Any) -> None:
         raise NotImplementedError
 
+    def loop_state(self) -> Any:
+        raise NotImplementedError
+
+    def writers(self) -> Any:
+        raise NotImplementedError
+
     def run(self) -> None:
         k, m = len(self.owner.stages), self.owner.num_microbatches
         fill, loop_count, drain = self.owner.ticks()
@@ -215,12 +221,29 @@ class _Forward(_Phase):
         return t - s
 
     def order(self, active: Sequence[int]) -> list[int]:
-        """The stages of one tick in the order their actions are built (each feeds the next)."""
-        return list(active)
+        """The stages of one tick in the order their actions are built: the consumer before its producer.
+
+        Stage s reads the value stage s-1 wrote in the *previous* tick. Built after stage s-1's write
+        of this tick, its read would take the array flow that write returns, and wait for it: the
+        stages of a tick would run one after the other. Built first, it reads with the previous
+        tick's flow and runs beside stage s-1::
+
+            tick t:  stage 1 reads inputs[1][t-1]  (flow of tick t-1)   } side by side
+                     stage 0 writes inputs[1][t]   (flow -> tick t+1)   }
+        """
+        return list(reversed(active))
 
     def loop_state(self) -> Any:
         return (self.chain.tokens, [a.flows for a in self.inputs], [a.flows for a in self.snapshots],
                 self.outputs.flows, self.loss)
+
+    def writers(self) -> Any:
+        """:meth:`loop_state`'s structure with, per leaf, the device of the stage whose action updates it."""
+        devices = [stage.device for stage in self.owner.stages]
+        k = len(devices)
+        return (devices, [_each(a.flows, devices[max(s - 1, 0)]) for s, a in enumerate(self.inputs)],
+                [_each(a.flows, devices[s]) for s, a in enumerate(self.snapshots)],
+                _each(self.outputs.flows, devices[k - 1]), devices[k - 1])
 
     def set_loop_state(self, state: Any) -> None:
         tokens, inputs, snapshots, outputs, self.loss = state
@@ -295,10 +318,18 @@ class _Backward(_Phase):
         return u - (len(self.owner.stages) - 1 - s)
 
     def order(self, active: Sequence[int]) -> list[int]:
-        return list(reversed(active))
+        """The consumer before its producer, as in the forward: stage s-1 reads the cut-layer gradient
+        stage s wrote in the previous tick."""
+        return list(active)
 
     def loop_state(self) -> Any:
         return (self.chain.tokens, [a.flows for a in self.cut_grads])
+
+    def writers(self) -> Any:
+        """:meth:`loop_state`'s structure with, per leaf, the device of the stage whose action updates it."""
+        devices = [stage.device for stage in self.owner.stages]
+        k = len(devices)
+        return (devices, [_each(a.flows, devices[min(s + 1, k - 1)]) for s, a in enumerate(self.cut_grads)])
 
     def set_loop_state(self, state: Any) -> None:
         tokens, cut_grads = state
@@ -355,7 +386,8 @@ def _loop(phase: Any, first: int, count: int, active: list[int]) -> None:
         with tf.device(device):
             starts.append(tf.constant(phase.index(s, first), tf.int32))
     initial = starts + _no_nones(like)
-    packing = loop_values.Packing(initial)
+    writers = devices + [w for v, w in zip(tf.nest.flatten(like), tf.nest.flatten(phase.writers())) if v is not None]
+    packing = loop_values.Packing(initial, writers)
 
     def body(i: tf.Tensor, *packed: tf.Tensor) -> tuple[Any, ...]:
         flat = packing.unpack(packed)
@@ -371,6 +403,11 @@ def _loop(phase: Any, first: int, count: int, active: list[int]) -> None:
     _, *final = tf.while_loop(lambda i, *_: i < count, body, (tf.constant(0), *packing.pack(initial)),
                               maximum_iterations=count)
     phase.set_loop_state(_with_nones(packing.unpack(final)[len(order):], like))
+
+
+def _each(flows: list[Any] | None, writer: str) -> Any:
+    """``writer`` for each flow of an array's ``flows`` (``None`` where there is none)."""
+    return None if flows is None else [None if f is None else writer for f in flows]
 
 
 def _no_nones(state: Any) -> list[Any]:
