@@ -116,6 +116,11 @@ def test_build_section_quick(in_process):
     assert any(line.startswith(f"    first-step ratio M={hi} / M={lo}:") for line in lines), lines
     assert any(line.startswith(f"    peak RSS growth M={lo} -> M={hi}:") for line in lines), lines
     assert any(line.startswith(f"    steady step M={hi} / M={lo}") for line in lines), lines
+    steady = out["build"]["loop_steady"]  # looped vs unrolled GPipe + recompute, alternated in one process
+    assert [(r["width"], r["batch"], r["m"]) for r in steady] == list(bench.QUICK["loop_steady"])
+    for r in steady:
+        assert r["looped"] > 0 and r["unrolled"] > 0 and r["ratio"] == pytest.approx(r["looped"] / r["unrolled"])
+    assert any("alternated in one process" in line for line in lines), lines
 
 
 def _quick_section(section):

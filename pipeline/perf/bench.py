@@ -105,6 +105,7 @@ def _jacobian(p: dict[str, Any]) -> dict[str, Any]:
 
 POINTS = {"step": points.point_step, "overhead": points.overhead, "jacobian": _jacobian,
           "balance": points.balance_point, "build": bench_build.build_point,
+          "loop_steady": bench_build.loop_steady_point,
           "overlap": bench_overlap.overlap_point, "schedule": bench_schedules.schedule_point}
 SECTION_HOOKS: dict[str, Any] = {}
 """Sections of higher layers, ``hook(cfg, out, log)``, registered at their import (pipeline.commands.bench_auto:

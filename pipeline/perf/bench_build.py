@@ -18,10 +18,14 @@ from pipeline.perf.bench_points import mlp, peak_rss_mb
 # The issue's model: 6 x Dense(64) per stage, 1F1B; K=2 logical CPUs on this 2-core machine (--build-k).
 FULL = {"build_k": 2, "build_ms": [4, 16, 64], "build_modes": ["1f1b", "looped", "gpipe_unrolled"],
         "build_width": 64, "build_layers": 6, "build_batch": 256,
-        "build_steps": 4, "resnet": False, "resnet_batch": 32, "resnet_ms": [1, 16]}
+        "build_steps": 4, "resnet": False, "resnet_batch": 32, "resnet_ms": [1, 16],
+        "loop_steady": [(512, 2048, 16), (512, 2048, 64), (256, 1024, 16), (256, 1024, 64)]}
 QUICK = {"build_k": 2, "build_ms": [1, 6], "build_modes": ["1f1b", "looped"],
          "build_width": 16, "build_layers": 2, "build_batch": 8,
-         "build_steps": 2, "resnet": False, "resnet_batch": 4, "resnet_ms": [1, 2]}
+         "build_steps": 2, "resnet": False, "resnet_batch": 4, "resnet_ms": [1, 2],
+         "loop_steady": [(16, 16, 8)]}
+"""``loop_steady``: (width, batch, M) points where the looped and the unrolled GPipe + recompute steps are timed
+alternately in one process (``build_layers`` Dense layers per stage), from work-heavy ticks to light ones."""
 
 
 def _graph_ops(graph: Any) -> int:
@@ -118,6 +122,31 @@ def build_point(p: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def loop_steady_point(p: dict[str, Any]) -> dict[str, Any]:
+    """The looped and the unrolled GPipe + recompute steps of one model, timed alternately in one process.
+
+    Returns ``{"looped": s, "unrolled": s, "ratio": looped / unrolled}``, each the best of ``rounds``
+    alternations (the same load for both)."""
+    import keras
+
+    from pipeline.core.model import PipelineModel
+    from pipeline.perf.overhead import time_fit_step
+
+    stages, x, y, loss = _dense(p)
+    models = {}
+    for loop in (True, False):
+        model = PipelineModel(stages, microbatches=p["m"], schedule="gpipe", recompute=True, loop=loop)
+        model.compile(optimizer=keras.optimizers.SGD(1e-4), loss=loss)
+        time_fit_step(model, x, y, 1, calls=1)  # traced here
+        models["looped" if loop else "unrolled"] = model
+    times: dict[str, list[float]] = {"looped": [], "unrolled": []}
+    for _ in range(p.get("rounds", 3)):
+        for name, model in models.items():
+            times[name].append(time_fit_step(model, x, y, p["steps"]))
+    best = {name: min(values) for name, values in times.items()}
+    return {**best, "ratio": best["looped"] / best["unrolled"]}
+
+
 MODES = {
     "1f1b": ({"schedule": "1f1b"}, "1F1B, unrolled actions (2*K*M in the step graph)"),
     "looped": ({"schedule": "gpipe", "recompute": True, "loop": True},
@@ -174,6 +203,13 @@ def section_build(cfg: dict[str, Any], out: dict[str, Any], log: Callable[[str],
         res["looped_step_ratio"] = {a["m"]: a["step"] / b["step"] for a, b in pairs if a["step"] and b["step"]}
         log("  steady step, looped / unrolled GPipe + recompute (same run): " + ", ".join(
             f"M={m} {r:.2f}" for m, r in res["looped_step_ratio"].items()))
+    res["loop_steady"] = []
+    for width, batch, m in cfg.get("loop_steady", []):
+        r = run_point({**base, "kind": "loop_steady", "width": width, "batch": batch, "m": m})
+        res["loop_steady"].append({"width": width, "batch": batch, "m": m, **r})
+        log(f"  steady step, looped / unrolled GPipe + recompute, alternated in one process, {cfg['build_layers']} x "
+            f"Dense({width}) per stage, batch {batch}, M={m} ({batch // m} rows per micro-batch): "
+            f"{r['looped']:.4f} / {r['unrolled']:.4f} s = {r['ratio']:.2f}")
     if cfg.get("resnet"):
         rbase = {"kind": "build", "model": "resnet", "k": 4, "batch": cfg["resnet_batch"], "steps": 0,
                  "threads": [0, 0], "devices": 4}
