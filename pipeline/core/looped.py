@@ -372,9 +372,10 @@ def _loop(phase: Any, first: int, count: int, active: list[int]) -> None:
     """Runs the ticks first .. first + count - 1 of ``phase`` in a ``tf.while_loop``.
 
     Each stage counts its own micro-batch index on its own device. The loop's scalars (counters,
-    array flows, tokens, the loss) travel packed, one float32 vector per device: TensorFlow routes
-    every loop variable through the loop's control device each tick, so one vector per device costs
-    one round trip instead of one per scalar::
+    array flows, tokens, the loss) travel packed, one float32 vector per device and writer: TensorFlow
+    routes every loop variable through the loop's control device each tick, so one vector costs one
+    round trip instead of one per scalar, and a flow another stage writes does not hold back the
+    device's own counter and token (:class:`pipeline.core.loop_values.Packing`)::
 
         device 1 scalars (j, token, flows, loss) --stack--> [v] --tick--> [v'] --unstack--> ...
     """
