@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import pipeline
 from modelzoo import stateful_mlp as _stateful, two_stage_mlp
 from pipeline.core import looped
 from pipeline.core import microbatch as mb_lib
@@ -74,7 +75,7 @@ def _fit(model, x, y, batch, epochs=2):
     model.fit(x, y, batch_size=batch, epochs=epochs, shuffle=False, verbose=0)
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb_h1"])  # zb_h1: a split backward of a recomputed stage
 @pytest.mark.parametrize("flags", [True, [True, False]])
 def test_fit_with_recompute_trains_the_unsplit_models_weights(schedule, flags, recomputed):
     """4 optimizer steps at M=4 with recomputation: the weights the unsplit Keras model trains to."""
@@ -105,6 +106,18 @@ def test_fit_with_recompute_batchnorm_and_dropout_trains_the_unsplit_models_weig
     assert len(got) == len(want) == 12  # with the moving mean and variance and both dropout seed states
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_split_backward_of_recomputed_stages_with_batchnorm_and_dropout_gives_the_unsplit_gradients(recomputed):
+    """ZB-H1 with recomputation asks the recomputed stage for B, then for W: both recompute under the state the
+    forward saw (M=1: the same dropout masks as the unsplit model). Gradients, not Adam-trained weights: the Dense
+    bias before BatchNorm has a zero gradient, whose float noise Adam's normalization turns into steps."""
+    x, y = _data(32)
+    stages = _stateful(seed=5)
+    piped = PipelineModel(stages, microbatches=1, schedule="zb_h1", recompute=True)
+    report = pipeline.verify(piped, x, y, LOSS)
+    assert set(recomputed) == {"a", "b"}
+    assert report.ok, str(report)
 
 
 def test_call_equals_plain_call_with_batchnorm_and_dropout():
