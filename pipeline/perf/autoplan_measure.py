@@ -53,8 +53,9 @@ def _batch_axis_bytes(layer: Any, inp: Any) -> int:
     """Bytes per sample of every tensor with an unknown batch axis that ``layer``'s training forward makes."""
     import tensorflow as tf
 
-    spec = tf.nest.map_structure(lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), inp)
-    graph = tf.function(lambda t: layer(t, training=True)).get_concrete_function(spec).graph
+    from pipeline.core import traced
+
+    graph = tf.function(lambda t: layer(t, training=True)).get_concrete_function(traced.open_batch_spec(inp)).graph
     return sum(_per_sample_bytes(out) for op in graph.get_operations()
                if op.type not in ("Placeholder", "Const", "ReadVariableOp", "Shape") for out in op.outputs)
 
@@ -66,7 +67,6 @@ def _held_bytes(layer: Any, inp: Any) -> int:
 
     from pipeline.core import layer_grads, traced
 
-    spec = tf.nest.map_structure(lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), inp)
     held: list[int] = []
 
     def forward(t: Any) -> Any:
@@ -76,7 +76,7 @@ def _held_bytes(layer: Any, inp: Any) -> int:
         held.append(0 if calls is None else sum(_per_sample_bytes(o) for o in calls.outputs()))
         return y
 
-    tf.function(forward).get_concrete_function(spec)
+    tf.function(forward).get_concrete_function(traced.open_batch_spec(inp))
     return held[-1]
 
 
