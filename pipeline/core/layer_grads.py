@@ -152,6 +152,15 @@ def recording(layer: keras.layers.Layer, functions: LayerFunctions | None = None
         yield calls
 
 
+@contextlib.contextmanager
+def split_tape() -> Iterator[tf.GradientTape]:
+    """The persistent tape a split backward's forward records on (B, then W, ask it), with traced calls
+    recorded for first-order gradients (:func:`pipeline.core._compat.first_order_function_calls`: under a
+    persistent tape TensorFlow would feed each backward weight-shaped zeros, kept per call site)."""
+    with tf.GradientTape(persistent=True) as tape, _compat.first_order_function_calls():
+        yield tape
+
+
 _DISABLED = [False]
 
 

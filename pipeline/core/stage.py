@@ -170,9 +170,7 @@ class Stage:
                 return y
             inputs = [] if self.is_first else [t for t in tf.nest.flatten(x)]
             per_layer = self.split_backward and not self.recompute
-            # a split backward asks a persistent tape, or nested ones, for first-order gradients only
-            first_order = _compat.first_order_function_calls() if self.split_backward else contextlib.nullcontext()
-            with tf.GradientTape(persistent=self.split_backward) as tape, first_order:
+            with layer_grads.split_tape() if self.split_backward else tf.GradientTape() as tape:
                 tape.watch([t for t in inputs if t.dtype.is_floating])  # int ids, bool masks: no gradient
                 recording = (layer_grads.recording(self.layer, self.layer_functions) if per_layer
                              else contextlib.nullcontext())

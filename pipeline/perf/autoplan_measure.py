@@ -98,7 +98,7 @@ def _split_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any,
     """
     import tensorflow as tf
 
-    from pipeline.core import _compat, layer_grads, traced
+    from pipeline.core import layer_grads, traced
 
     loops = []
     for stage in stages:
@@ -113,7 +113,7 @@ def _split_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any,
                         nudged = tf.nest.map_structure(
                             lambda t: t + tf.cast(carry, t.dtype) if t.dtype.is_floating else t, inp)
                         sources = [t for t in tf.nest.flatten(nudged) if t.dtype.is_floating] if watch else []
-                        with tf.GradientTape(persistent=True) as tape, _compat.first_order_function_calls():
+                        with layer_grads.split_tape() as tape:
                             tape.watch(sources)
                             with layer_grads.recording(layer) as calls:
                                 y, extra = traced.plain_call(layer, nudged, True, recompute=False)
