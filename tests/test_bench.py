@@ -139,6 +139,10 @@ def test_overlap_section_quick(in_process):
     assert sorted((r["width"], r["rows"]) for r in rows) == sorted(
         (w, r) for w in cfg["overlap_widths"] for r in cfg["overlap_rows"])
     assert all(r["of_ideal"] > 0 and r["ideal"] == pytest.approx(4 / 3) for r in rows)  # K=2, M=2
+    for r in rows:  # cores busy measured, and the machine's bound never above the ideal
+        assert 0 < r["baseline_cores"] and 0 < r["pipeline_cores"] and r["cores_available"] >= 1
+        assert r["machine_bound"] == pytest.approx(min(r["ideal"], r["cores_available"] / r["baseline_cores"]))
+        assert r["of_machine_bound"] == pytest.approx(r["speedup"] / r["machine_bound"])
     prof = out["overlap"]["profile"]["pipeline"]
     for stage in ("0", "1"):  # ops of each stage's layers found, forward and backward
         assert prof["categories"]["forward"].get(stage, 0) > 0 and prof["categories"]["backward"].get(stage, 0) > 0
@@ -157,6 +161,8 @@ def test_schedules_section_quick(in_process):
         (s, k, m) for s, k in (("1f1b", 2), ("zb_h1", 2), ("interleaved_1f1b", 4)) for m in cfg["sched_ms"])
     for r in rows:
         assert r["step"] > 0 and r["predicted"] > 0
+        assert len(r["steps"]) == cfg["sched_rounds"] and r["step"] == min(r["steps"])  # alternated, fastest kept
+        assert (r["two_walks"] > 0) if r["schedule"] == "zb_h1" else r["two_walks"] is None
         assert len(r["costs"]) == r["stages"]
         for f, b, w in r["costs"]:
             assert f > 0 and b >= 0

@@ -189,7 +189,7 @@ def run(cfg: dict[str, Any], log: Any = print, sections: tuple[str, ...] = SECTI
     if "balance" in sections:
         _section_balance(cfg, out, log)
     if "schedules" in sections:
-        bench_schedules.section_schedules(cfg, out, log, lambda point: _best(point, cfg["rounds"]))
+        bench_schedules.section_schedules(cfg, out, log, lambda point: run_point(point))
     if "build" in sections:
         bench_build.section_build(cfg, out, log, lambda point: run_point(point))
     if "overlap" in sections:

@@ -1,8 +1,9 @@
 """``pipeline bench`` section "schedules": ZB-H1 and interleaved 1F1B against 1F1B, measured and simulated.
 
-Each point runs in its own process on 2 logical CPU devices: one MLP of 2 x ``sched_layers`` Dense
+Each M runs in its own process on 2 logical CPU devices: one MLP of 2 x ``sched_layers`` Dense
 layers cut into K=2 stages (1F1B, ZB-H1) or K=4 stages placed round-robin (interleaved 1F1B, V=2
-stages per device). The point times real ``fit`` steps, then predicts the same step with the simulator
+stages per device). The point times real ``fit`` steps of every schedule in turn (the ratios are
+taken under the same load), then predicts each step with the simulator
 from stage costs measured in that process (forward and backward; for ZB-H1 the split backward's B and W
 as they run; each stage timed while the other device is busy) plus the step overhead measured at M=1::
 
@@ -18,92 +19,114 @@ from typing import Any, Callable
 
 from pipeline.perf import simulate as sim
 
-FULL = {"sched_width": 256, "sched_layers": 8, "sched_batch": 2048, "sched_ms": [4, 8], "sched_steps": 6}
-QUICK = {"sched_width": 16, "sched_layers": 2, "sched_batch": 16, "sched_ms": [4], "sched_steps": 2}
+FULL = {"sched_width": 256, "sched_layers": 8, "sched_batch": 2048, "sched_ms": [4, 8], "sched_steps": 6,
+        "sched_rounds": 4}
+QUICK = {"sched_width": 16, "sched_layers": 2, "sched_batch": 16, "sched_ms": [4], "sched_steps": 2, "sched_rounds": 1}
 
 CASES = (("1f1b", 2), ("zb_h1", 2), ("interleaved_1f1b", 4))
 """(schedule, stages K) of each point; every point runs on 2 devices."""
 
 
 def schedule_point(p: dict[str, Any]) -> dict[str, Any]:
-    """One schedule on 2 devices: median ``fit`` step, the simulator's prediction and the stage costs.
+    """Every case of ``CASES`` at one M on 2 devices, in one process: ``fit`` steps alternated, then predicted.
+
+    The schedules' steps are timed in turn, ``p["rounds"]`` times (the fastest of each kept), so that the
+    ratios between them are taken under the same load; a ZB-H1 step with W walking the tape again is timed
+    in the same turns (the reference of the per-layer W)::
+
+        round 1:  1f1b  zb_h1  zb_h1 (two walks)  interleaved_1f1b
+        round 2:  1f1b  zb_h1  zb_h1 (two walks)  interleaved_1f1b   ...
 
     Returns:
-        ``{"step", "predicted", "makespan", "overhead", "devices", "stages", "costs"}``; ``costs`` per stage
-        ``[F, B, W]`` in seconds, W measured for a split backward (ZB-H1) and ``None`` otherwise.
+        ``{"cases": {schedule: {"step", "predicted", "makespan", "overhead", "devices", "stages", "costs",
+        "two_walks"}}}``; ``costs`` per stage ``[F, B, W]`` in seconds, W measured for a split backward
+        (ZB-H1) and ``None`` otherwise; ``two_walks`` the reference step (ZB-H1 only).
     """
     import keras
     import numpy as np
 
     from pipeline.core import layer_grads
-    from pipeline.core import microbatch as mb_lib
     from pipeline.core.model import PipelineModel
     from pipeline.perf.bench_points import mlp
+    from pipeline.perf.overhead import time_fit_step
+
+    m = p["m"]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(p["batch"], p["width"])).astype("float32")
+    y = rng.normal(size=(p["batch"], p["width"])).astype("float32")
+
+    def build(schedule: str, k: int) -> Any:
+        keras.utils.set_random_seed(0)
+        parts = [mlp(p["width"], 2 * p["layers"] // k, f"s{i}") for i in range(k)]
+        model = PipelineModel(parts, devices=["/CPU:0", "/CPU:1"], microbatches=m, schedule=schedule)
+        model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
+        return model
+
+    models = {schedule: build(schedule, k) for schedule, k in CASES}
+    models["two_walks"] = build("zb_h1", 2)
+    with layer_grads.disabled():
+        time_fit_step(models["two_walks"], x, y, 2, calls=1)  # traced here: W asks the tape twice
+    steps: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(max(1, p.get("rounds", 1))):
+        for name, model in models.items():
+            steps[name].append(time_fit_step(model, x, y, p["steps"]))
+    cases = {}
+    for schedule, k in CASES:
+        cases[schedule] = {"step": min(steps[schedule]), "steps": steps[schedule], "stages": k,
+                           **_prediction(models[schedule], x, y, m, p["steps"]),
+                           "two_walks": min(steps["two_walks"]) if schedule == "zb_h1" else None}
+    return {"cases": cases}
+
+
+def _prediction(model: Any, x: Any, y: Any, m: int, steps: int) -> dict[str, Any]:
+    """The simulator's step of ``model`` from its stage costs measured here, plus the step overhead at M=1."""
+    from pipeline.core import microbatch as mb_lib
     from pipeline.perf.autoplan_measure import measure_split_costs
     from pipeline.perf.measure import measure_stage_costs
-    from pipeline.perf.overhead import measure_step_overhead, time_fit_step
+    from pipeline.perf.overhead import measure_step_overhead
 
-    keras.utils.set_random_seed(0)
-    k, width, m = p["k"], p["width"], p["m"]
-    per_stage = 2 * p["layers"] // k
-    parts = [mlp(width, per_stage, f"s{i}") for i in range(k)]
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(p["batch"], width)).astype("float32")
-    y = rng.normal(size=(p["batch"], width)).astype("float32")
-    model = PipelineModel(parts, devices=["/CPU:0", "/CPU:1"], microbatches=m, schedule=p["schedule"])
-    model.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
-    step = time_fit_step(model, x, y, p["steps"])
-    two_walks = None
-    if any(model.executor.split_backward):  # the same step with W walking the tape again, in the same process
-        reference = PipelineModel(parts, devices=["/CPU:0", "/CPU:1"], microbatches=m, schedule=p["schedule"])
-        reference.compile(optimizer=keras.optimizers.SGD(1e-4), loss="mse")
-        with layer_grads.disabled():
-            time_fit_step(reference, x, y, 2, calls=1)  # traced here: W asks the tape twice
-        two_walks = time_fit_step(reference, x, y, p["steps"])
-        step = min(step, time_fit_step(model, x, y, p["steps"]))  # alternated: the same load for both
-        two_walks = min(two_walks, time_fit_step(reference, x, y, p["steps"]))
     micro = mb_lib.split(x, m)[0]
     costs = measure_stage_costs(model.stages, micro, repeats=8, calls=5)
     if any(model.executor.split_backward):  # B and W as they run (W from the layer calls' tapes)
         costs = measure_split_costs(model.stages, micro, costs, repeats=8, calls=5)
-    overhead = measure_step_overhead(model, x, y, steps=p["steps"], calls=5)
+    overhead = measure_step_overhead(model, x, y, steps=steps, calls=5)
     rows = model.executor.train_schedule
     makespan = sim.simulate(rows, costs).makespan
-    return {"step": step, "predicted": makespan + overhead, "makespan": makespan, "overhead": overhead,
-            "devices": len(rows), "stages": k, "costs": [[c.forward, c.backward, c.weight] for c in costs],
-            "two_walks": two_walks}
+    return {"predicted": makespan + overhead, "makespan": makespan, "overhead": overhead, "devices": len(rows),
+            "costs": [[c.forward, c.backward, c.weight] for c in costs]}
 
 
 def section_schedules(cfg: dict[str, Any], out: dict[str, Any], log: Callable[[str], None],
-                      best: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+                      run: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
     """Runs every case at each M of ``cfg["sched_ms"]`` and logs measured and predicted ratios to 1F1B.
 
     Args:
         cfg: sizes (``sched_*`` keys).
         out: results; ``out["schedules"]`` is set.
         log: where progress lines go.
-        best: runs a point (in a fresh process) and returns its least disturbed result.
+        run: runs a point in a fresh process and returns its result.
     """
     log(f"schedules: ZB-H1 and interleaved 1F1B (V=2) vs 1F1B on 2 devices, {2 * cfg['sched_layers']} x "
-        f"Dense({cfg['sched_width']}), batch {cfg['sched_batch']}; measured and simulated ...")
+        f"Dense({cfg['sched_width']}), batch {cfg['sched_batch']}; one process per M, steps alternated "
+        f"{cfg['sched_rounds']} times, measured and simulated ...")
     rows = []
     for m in cfg["sched_ms"]:
-        results = {}
-        for schedule, k in CASES:
-            r = best({"kind": "schedule", "schedule": schedule, "k": k, "m": m, "width": cfg["sched_width"],
-                      "layers": cfg["sched_layers"], "batch": cfg["sched_batch"], "steps": cfg["sched_steps"],
-                      "threads": [1, 2], "devices": 2})
-            results[schedule] = r
-            log(f"  {schedule:<17} K={k} M={m}: measured {r['step']:.4f} s, predicted {r['predicted']:.4f} s "
+        results = run({"kind": "schedule", "m": m, "width": cfg["sched_width"], "layers": cfg["sched_layers"],
+                       "batch": cfg["sched_batch"], "steps": cfg["sched_steps"], "rounds": cfg["sched_rounds"],
+                       "threads": [1, 2], "devices": 2})["cases"]
+        for schedule, r in results.items():
+            log(f"  {schedule:<17} K={r['stages']} M={m}: measured {r['step']:.4f} s (rounds: "
+                + ", ".join(f"{t:.4f}" for t in r["steps"]) + f"), predicted {r['predicted']:.4f} s "
                 f"(predicted/measured {r['predicted'] / r['step']:.2f}; makespan {r['makespan']:.4f} s + "
                 f"overhead {r['overhead']:.4f} s)")
             if r.get("two_walks"):
                 log(f"  {'':<17} the same step with W walking the tape again: {r['two_walks']:.4f} s "
-                    f"({r['two_walks'] / r['step']:.2f}x the per-layer W, same process)")
+                    f"({r['two_walks'] / r['step']:.2f}x the per-layer W, alternated with it)")
         base = results["1f1b"]
         for schedule, r in results.items():
             measured, predicted = r["step"] / base["step"], r["predicted"] / base["predicted"]
-            row = {"schedule": schedule, "stages": r["stages"], "m": m, "step": r["step"], "predicted": r["predicted"],
+            row = {"schedule": schedule, "stages": r["stages"], "m": m, "step": r["step"], "steps": r["steps"],
+                   "predicted": r["predicted"],
                    "predicted_over_measured": r["predicted"] / r["step"], "ratio_to_1f1b": measured,
                    "predicted_ratio_to_1f1b": predicted, "costs": r["costs"], "two_walks": r.get("two_walks")}
             rows.append(row)
