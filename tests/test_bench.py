@@ -139,10 +139,6 @@ def test_overlap_section_quick(in_process):
     assert sorted((r["width"], r["rows"]) for r in rows) == sorted(
         (w, r) for w in cfg["overlap_widths"] for r in cfg["overlap_rows"])
     assert all(r["of_ideal"] > 0 and r["ideal"] == pytest.approx(4 / 3) for r in rows)  # K=2, M=2
-    for r in rows:  # cores busy measured, and the machine's bound never above the ideal
-        assert 0 < r["baseline_cores"] and 0 < r["pipeline_cores"] and r["cores_available"] >= 1
-        assert r["machine_bound"] == pytest.approx(min(r["ideal"], r["cores_available"] / r["baseline_cores"]))
-        assert r["of_machine_bound"] == pytest.approx(r["speedup"] / r["machine_bound"])
     prof = out["overlap"]["profile"]["pipeline"]
     for stage in ("0", "1"):  # ops of each stage's layers found, forward and backward
         assert prof["categories"]["forward"].get(stage, 0) > 0 and prof["categories"]["backward"].get(stage, 0) > 0

@@ -7,10 +7,6 @@ and applying them once: the pipeline's own work without the overlap. So, as in t
 
     speedup = baseline step / pipeline step      ideal = K*M / (M+K-1)      of ideal = speedup / ideal
 
-Each timed ``fit`` also reads the process's CPU time: the cores it keeps busy. Where the baseline already
-keeps c of the machine's C cores busy (a Dense backward's two matmuls run at once on the inter-op threads),
-no pipeline on those cores can be more than C / c faster: ``machine bound = min(ideal, C / c)``.
-
 At the worst point of the sweep one more process profiles the pipelined ``fit`` step and prints where the
 time goes (:func:`pipeline.perf.trace.profile_fit`).
 """
@@ -18,15 +14,13 @@ time goes (:func:`pipeline.perf.trace.profile_fit`).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import time
 from typing import Any, Callable
 
 from pipeline.perf import simulate as sim
 from pipeline.perf.bench_points import mlp
 
-FULL = {"overlap_widths": [256, 512, 1024], "overlap_rows": [16, 32, 128], "overlap_layers": 2,
+FULL = {"overlap_widths": [256, 512, 1024, 2048], "overlap_rows": [16, 32, 128], "overlap_layers": 2,
         "overlap_m": 8, "overlap_calls": 3, "overlap_steps": 4, "overlap_threads": [1, 2],
         "overlap_inline": True}
 QUICK = {"overlap_widths": [16, 32], "overlap_rows": [4], "overlap_layers": 1, "overlap_m": 2,
@@ -107,18 +101,12 @@ def overlap_point(p: dict[str, Any]) -> dict[str, Any]:
     x = rng.normal(size=(p["rows"] * m, width)).astype("float32")
     y = rng.normal(size=(p["rows"] * m, width)).astype("float32")
     times: dict[str, list[float]] = {name: [] for name in models}
-    cores: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(max(1, p.get("calls", 3))):
         for name, model in models.items():
             with traced.inlined() if name == "pipeline_inlined" else contextlib.nullcontext():
-                cpu, wall = time.process_time(), time.perf_counter()
                 times[name].append(time_fit_step(model, x, y, p["steps"], calls=1))
-                cores[name].append((time.process_time() - cpu) / (time.perf_counter() - wall))
     result: dict[str, Any] = {name: float(min(v)) for name, v in times.items()}
     result["runs"] = times
-    # Cores kept busy (CPU seconds per second) over the timed fits; the first round also traces (one thread).
-    result["cores"] = {name: max(v[1:] or v) for name, v in cores.items()}
-    result["cores_available"] = len(os.sched_getaffinity(0))
     if p.get("achievable", True):
         from pipeline.core import microbatch as mb_lib
         from pipeline.core import schedule as sched
@@ -150,14 +138,6 @@ def _row(point: dict[str, Any], runs: list[dict[str, Any]], k: int, m: int) -> d
     if inlined:
         row["pipeline_inlined"] = min(inlined)
         row["of_ideal_inlined"] = best["unsplit"] / row["pipeline_inlined"] / ideal
-    # The unsplit baseline already keeps this many cores busy (a Dense backward's two matmuls run at once):
-    # on a machine of C shared cores no pipeline can be more than C / that faster than it. Process CPU time
-    # over wall time, Keras' loop included: an approximate bound.
-    baseline_cores = max(r["cores"]["unsplit"] for r in runs)
-    row["baseline_cores"], row["cores_available"] = baseline_cores, runs[0]["cores_available"]
-    row["pipeline_cores"] = max(r["cores"]["pipeline"] for r in runs)
-    row["machine_bound"] = min(ideal, row["cores_available"] / baseline_cores)
-    row["of_machine_bound"] = speedup / row["machine_bound"]
     achievable = [r["achievable"] for r in runs if r.get("achievable")]
     if achievable:
         row["achievable"] = min(achievable)
@@ -185,9 +165,6 @@ def section_overlap(cfg: dict[str, Any], out: dict[str, Any], log: Callable[[str
                 f"{row['pipeline'] * 1e3:8.2f} ms  speedup {row['speedup']:.2f} of ideal {row['ideal']:.2f}: "
                 f"{row['of_ideal']:.0%} (runs: " + ", ".join(f"{v:.0%}" for v in row["of_ideal_runs"]) + ")"
                 + ("" if row["target_applies"] else "  [< 5 ms: target n/a]")
-                + f"; cores busy: baseline {row['baseline_cores']:.2f}, pipeline {row['pipeline_cores']:.2f} of "
-                f"{row['cores_available']}, so at most {row['machine_bound']:.2f}x here: {row['of_machine_bound']:.0%} "
-                "of that"
                 + (f"; stage functions inlined: {row['pipeline_inlined'] * 1e3:.2f} ms "
                    f"({row['of_ideal_inlined']:.0%})" if "pipeline_inlined" in row else "")
                 + (f"; simulated from stage costs under load {row['achievable'] * 1e3:.2f} ms = "
@@ -198,8 +175,7 @@ def section_overlap(cfg: dict[str, Any], out: dict[str, Any], log: Callable[[str
         low = min(applies, key=lambda row: row["of_ideal"])
         res["worst_where_target_applies"] = low["of_ideal"]
         log(f"  worst point with >= {TARGET_MS:.0f} ms per micro-batch and stage: width {low['width']}, rows "
-            f"{low['rows']}: {low['of_ideal']:.0%} of ideal (target >= 90%), {low['of_machine_bound']:.0%} of what "
-            f"{low['cores_available']} cores allow against that baseline")
+            f"{low['rows']}: {low['of_ideal']:.0%} of ideal (target >= 90%)")
     worst = min(rows, key=lambda row: row["of_ideal"])
     prof = run_point({**base, "width": worst["width"], "rows": worst["rows"], "calls": 1, "profile": True})
     res["profile"] = {"width": worst["width"], "rows": worst["rows"], "pipeline": prof["profile"],

@@ -79,16 +79,15 @@ def schedule_point(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _prediction(model: Any, x: Any, y: Any, m: int, steps: int) -> dict[str, Any]:
-    """The simulator's step of ``model`` from its stage costs measured here, plus the step overhead at M=1."""
-    from pipeline.core import microbatch as mb_lib
-    from pipeline.perf.autoplan_measure import measure_split_costs
-    from pipeline.perf.measure import measure_stage_costs
+    """The simulator's step of ``model`` from its stage costs measured here as ``schedule: auto`` measures them
+    (:func:`pipeline.perf.autoplan_measure.measure_profile`: 3 rounds, the least disturbed kept; for a split
+    backward, B and W as they run), plus the step overhead at M=1."""
+    from pipeline.perf.autoplan_measure import measure_profile
     from pipeline.perf.overhead import measure_step_overhead
 
-    micro = mb_lib.split(x, m)[0]
-    costs = measure_stage_costs(model.stages, micro, repeats=8, calls=5)
-    if any(model.executor.split_backward):  # B and W as they run (W from the layer calls' tapes)
-        costs = measure_split_costs(model.stages, micro, costs, repeats=8, calls=5)
+    split = any(model.executor.split_backward)
+    profile = measure_profile(model.stages, x, [m], repeats=8, calls=5, rounds=3, with_split=split)
+    costs = (profile.split_costs if split else profile.costs)[m]
     overhead = measure_step_overhead(model, x, y, steps=steps, calls=5)
     rows = model.executor.train_schedule
     makespan = sim.simulate(rows, costs).makespan
