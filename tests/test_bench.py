@@ -159,7 +159,7 @@ def test_schedules_section_quick(in_process):
         assert r["step"] > 0 and r["predicted"] > 0
         assert len(r["steps"]) == cfg["sched_rounds"] and r["step"] == min(r["steps"])  # alternated, fastest kept
         assert (r["two_walks"] > 0) if r["schedule"] == "zb_h1" else r["two_walks"] is None
-        assert len(r["costs"]) == r["stages"]
+        assert len(r["costs"]) == len(r["costs_alone"]) == r["stages"] and r["predicted_shared"] > 0
         for f, b, w in r["costs"]:
             assert f > 0 and b >= 0
             # W measured for ZB-H1's split backward (part of it), not assumed; other schedules run no W

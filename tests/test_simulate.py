@@ -116,3 +116,51 @@ def test_module_docstring_diagram():
     assert [starts[f"0B{j}"] for j in range(4)] == [7, 9, 11, 13]
     assert [starts[f"1B{j}"] for j in range(4)] == [5, 7, 9, 11]
     assert result.makespan == 15 and result.bubble == pytest.approx(1 / 5)
+
+
+def test_shared_compute_literal_timeline_gpipe_k2_m2():
+    # Alone F=1, B=2; with the other device busy, twice that. 0F1 and 1F0 run together at half speed.
+    result = sim.simulate(sched.gpipe(2, 2), [(2, 4), (2, 4)], alone=[(1, 2), (1, 2)])
+    got = [(str(iv.action), iv.start, iv.end) for iv in result.timeline]
+    assert got == [
+        ("0F0", 0, 1),
+        ("0F1", 1, 3), ("1F0", 1, 3),
+        ("1F1", 3, 4),
+        ("1B0", 4, 6),
+        ("0B0", 6, 10), ("1B1", 6, 10),
+        ("0B1", 10, 12),
+    ]
+    assert result.busy == [9, 9]
+
+
+def test_shared_compute_changes_speed_when_the_other_device_starts_or_stops():
+    table = sched.parse_table(["0F0 0F1 0B1 0B0", "1F0 1B0 1F1 1B1"])
+    result = sim.simulate(table, [(8, 8), (1, 1)], alone=[(4, 4), (1, 1)])
+    ends = {str(iv.action): iv.end for iv in result.timeline}
+    assert ends["0F0"] == 4
+    # 0F1 runs from 4: at 1/8 of its work per unit while 1F0 (4-5) and 1B0 (5-6) run, then alone at 1/4.
+    assert ends["1F0"] == 5 and ends["1B0"] == 6
+    assert ends["0F1"] == pytest.approx(6 + (1 - 2 / 8) * 4)
+
+
+@pytest.mark.parametrize("name,k,devices", [("gpipe", 3, None), ("1f1b", 4, None), ("zb_h1", 3, None),
+                                            ("interleaved_1f1b", 4, 2)])
+def test_shared_compute_with_equal_costs_is_the_plain_simulation(name, k, devices):
+    rows = sched.get(name)(k, 5, devices) if devices else sched.get(name)(k, 5)
+    costs = [sim.StageCost(0.3 + 0.1 * i, 0.7 + 0.2 * (i % 2), 0.2) for i in range(k)]
+    plain = sim.simulate(rows, costs, transfer=0.05)
+    shared = sim.simulate(rows, costs, transfer=0.05, alone=costs)
+    assert [(iv.action, iv.row) for iv in shared.timeline] == [(iv.action, iv.row) for iv in plain.timeline]
+    assert [iv.start for iv in shared.timeline] == pytest.approx([iv.start for iv in plain.timeline])
+    assert shared.makespan == pytest.approx(plain.makespan)
+    assert shared.busy == pytest.approx(plain.busy)
+    # Loaded costs twice the alone ones: strictly between the all-alone figure and the all-loaded one.
+    doubled = [sim.StageCost(2 * c.forward, 2 * c.backward, 2 * c.weight) for c in costs]
+    both = sim.simulate(rows, doubled, alone=costs).makespan
+    assert plain.makespan < both < sim.simulate(rows, doubled).makespan
+
+
+def test_shared_compute_deadlock_is_reported_not_raised():
+    table = sched.parse_table(["0F0 0B0", "1B0 1F0"])  # 1B0 before its own forward: never runs
+    result = sim.simulate(table, [(1, 1), (1, 1)], alone=[(1, 1), (1, 1)])
+    assert not result.ok and result.blocked

@@ -165,7 +165,7 @@ def measure_split_costs(stages: Sequence[Any], x: Any, full: Sequence[Any], repe
 
 
 def measure_profile(stages: Sequence[Any], x: Any, ms: Sequence[int], optimizer: Any = None, repeats: int = 5,
-                    calls: int = 3, rounds: int = 1, with_split: bool = True) -> autoplan.Profile:
+                    calls: int = 3, rounds: int = 1, with_split: bool = True, alone: bool = False) -> autoplan.Profile:
     """Measures what :func:`pipeline.perf.autoplan.choose` needs, once, on the built stages.
 
     Args:
@@ -177,6 +177,7 @@ def measure_profile(stages: Sequence[Any], x: Any, ms: Sequence[int], optimizer:
         with_split: also time the split backward (B, then W) that zero-bubble schedules run.
         rounds: passes over ``ms``, interleaved; per stage the smallest forward and backward are kept
             (other work on the machine only ever adds time).
+        alone: time every stage with the other devices idle (default: under load where M > 1).
     """
     from pipeline.core import microbatch as mb_lib
 
@@ -185,10 +186,10 @@ def measure_profile(stages: Sequence[Any], x: Any, ms: Sequence[int], optimizer:
     for _ in range(max(1, rounds)):  # interleaved rounds, the least disturbed (smallest) time kept
         for m in ms:
             part = mb_lib.split(x, m)[0]
-            new = measure.measure_stage_costs(stages, part, repeats=repeats, calls=calls, under_load=m > 1)
+            new = measure.measure_stage_costs(stages, part, repeats=repeats, calls=calls, under_load=m > 1 and not alone)
             costs[m] = [_least(a, b) for a, b in zip(costs.get(m, new), new)]
             if with_split:
-                new = measure_split_costs(stages, part, costs[m], repeats, calls, under_load=m > 1)
+                new = measure_split_costs(stages, part, costs[m], repeats, calls, under_load=m > 1 and not alone)
                 split[m] = [_least(a, b) for a, b in zip(split.get(m, new), new)]
     return dataclasses.replace(memory_profile(stages, x, optimizer, with_split), costs=costs,
                                split_costs=split or None)

@@ -172,7 +172,7 @@ def cost_function(costs: Costs, schedule: sched.Schedule) -> Callable[[sched.Act
     return lambda a: stage_costs[a.stage].of(a.op, split[a.stage])
 
 
-def simulate(schedule: sched.Schedule, costs: Costs, transfer: float = 0.0) -> Simulation:
+def simulate(schedule: sched.Schedule, costs: Costs, transfer: float = 0.0, alone: Costs | None = None) -> Simulation:
     """Runs the schedule on paper with the given costs.
 
     Args:
@@ -181,6 +181,11 @@ def simulate(schedule: sched.Schedule, costs: Costs, transfer: float = 0.0) -> S
             stage, or a callable ``cost(action) -> duration``.
         transfer: time added between an action and a dependent action on another
             device (the activation or gradient copy; none between stages of one device).
+        alone: for devices that share compute (logical CPU devices on one machine's cores), the
+            costs timed with the other devices idle; ``costs`` are then the costs timed with every
+            other device busy. An action runs at its ``alone`` speed while no other device is busy,
+            at its ``costs`` speed while all are, and in proportion between (:func:`shared_timeline`).
+            ``None`` (separate GPUs): every action takes its ``costs``.
 
     Returns:
         A :class:`Simulation`, with busy/idle time per device. A deadlock does not raise:
@@ -193,32 +198,107 @@ def simulate(schedule: sched.Schedule, costs: Costs, transfer: float = 0.0) -> S
     rows = sched.stage_rows(schedule)
     num_stages = len(rows)
     m = 1 + max((a.microbatch for row in schedule for a in row), default=-1)
-    end: dict[sched.Action, float] = {}
-    free = [0.0] * len(schedule)
-    busy = [0.0] * len(schedule)
-    timeline: list[Interval] = []
     order, blocked = sched.walk(schedule)
-    for action in order:
-        r = rows[action.stage]
-        start = max([free[r]] + [end[d] + (transfer if rows[d.stage] != r else 0.0)
-                                 for d in sched.dependencies(action, num_stages)])
-        duration = float(cost(action))
-        end[action] = free[r] = start + duration
-        busy[r] += duration
-        timeline.append(Interval(action, start, start + duration, r))
+    if alone is None:
+        timeline = _own_compute_timeline(order, rows, cost, transfer)
+    else:
+        timeline = shared_timeline(schedule, order, rows, cost, cost_function(alone, schedule), transfer)
+    busy = [0.0] * len(schedule)
+    for iv in timeline:
+        busy[iv.row] += iv.duration
     message = sched.deadlock_message(schedule, order, blocked) if blocked else ""
     timeline.sort(key=lambda iv: (iv.start, iv.row))
     return Simulation(
         num_stages=num_stages,
         num_microbatches=m,
         timeline=timeline,
-        makespan=max(free, default=0.0),
+        makespan=max((iv.end for iv in timeline), default=0.0),
         busy=busy,
         peak_in_flight=sched.peak_in_flight(schedule),
         blocked=blocked,
         deadlock=message,
         stage_rows=rows,
     )
+
+
+def _own_compute_timeline(order: Sequence[sched.Action], rows: Sequence[int],
+                          cost: Callable[[sched.Action], float], transfer: float) -> list[Interval]:
+    """Every device computes alone: each action starts when its device is free and its inputs have arrived."""
+    num_stages = len(rows)
+    end: dict[sched.Action, float] = {}
+    free = [0.0] * (1 + max(rows, default=0))
+    timeline = []
+    for action in order:
+        r = rows[action.stage]
+        start = max([free[r]] + [end[d] + (transfer if rows[d.stage] != r else 0.0)
+                                 for d in sched.dependencies(action, num_stages)])
+        end[action] = free[r] = start + float(cost(action))
+        timeline.append(Interval(action, start, end[action], r))
+    return timeline
+
+
+def shared_timeline(schedule: sched.Schedule, order: Sequence[sched.Action], rows: Sequence[int],
+                    loaded: Callable[[sched.Action], float], alone: Callable[[sched.Action], float],
+                    transfer: float = 0.0) -> list[Interval]:
+    """Devices that share compute, stepped from event to event (an action starts or ends).
+
+    Between two events, an action with ``n`` of the other ``D - 1`` devices busy takes
+    ``alone + (loaded - alone) * n / (D - 1)`` in total; it completes that share of its work per unit of
+    time. Two devices, F 1 alone and 2 loaded (GPipe, K=2, M=2)::
+
+        time:     0    1         3
+        device 0: F0---F1--------|      F0 alone; F1 and stage 1's F0 together, each at half speed
+        device 1:      F0--------F1---
+
+    Each device runs its row in order (``order``: only the actions that can run); an action starts
+    once its device is free and its inputs have arrived (``transfer`` after their end on another device).
+    """
+    num_stages, num_devices = len(rows), len(schedule)
+    runnable = set(order)
+    queues = [[a for a in row if a in runnable] for row in schedule]
+    position = [0] * num_devices
+    end: dict[sched.Action, float] = {}
+    running: dict[int, list] = {}  # device -> [action, start, share of its work done]
+    timeline: list[Interval] = []
+    now = 0.0
+
+    def ready_at(action: sched.Action) -> float | None:
+        deps = sched.dependencies(action, num_stages)
+        if any(d not in end for d in deps):
+            return None
+        r = rows[action.stage]
+        return max([0.0] + [end[d] + (transfer if rows[d.stage] != r else 0.0) for d in deps])
+
+    while True:
+        waiting = []
+        for r in range(num_devices):
+            if r in running or position[r] >= len(queues[r]):
+                continue
+            at = ready_at(queues[r][position[r]])
+            if at is not None and at <= now:
+                running[r] = [queues[r][position[r]], now, 0.0]
+                position[r] += 1
+            elif at is not None:
+                waiting.append(at)
+        if not running:
+            if not waiting:
+                return timeline
+            now = min(waiting)
+            continue
+        others = (len(running) - 1) / max(num_devices - 1, 1)
+        total = {r: float(alone(a)) + (float(loaded(a)) - float(alone(a))) * others
+                 for r, (a, _, _) in running.items()}
+        step = min([(1.0 - done) * total[r] for r, (_, _, done) in running.items()] + [w - now for w in waiting])
+        now += step
+        for r in list(running):
+            action, start, done = running[r]
+            done = 1.0 if total[r] <= 0 else done + step / total[r]
+            if done >= 1.0 - 1e-12:
+                end[action] = now
+                timeline.append(Interval(action, start, now, r))
+                del running[r]
+            else:
+                running[r][2] = done
 
 
 def ideal_speedup(num_stages: int, num_microbatches: int) -> float:
