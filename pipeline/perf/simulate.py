@@ -11,6 +11,10 @@ GPipe's makespan ``(M+K-1)(f+b)`` and bubble ``(K-1)/(M+K-1)``::
     time:     0  1  2  3  4  5  6  7  8  9  10 11 12 13 14
     device 0: F0 F1 F2 F3 .  .  .  B0 B0 B1 B1 B2 B2 B3 B3
     device 1: .  F0 F1 F2 F3 B0 B0 B1 B1 B2 B2 B3 B3 .  .
+
+Devices that share compute (logical CPU devices on one machine's cores) are modelled with
+``simulate(..., alone=...)``: an action runs faster while the other devices are idle
+(:func:`shared_timeline`).
 """
 
 from __future__ import annotations
