@@ -160,6 +160,48 @@ def test_interleaved_only_with_more_stages_than_devices():
         assert c.step >= 2 * c.microbatches * (3 / c.microbatches) - 1e-12 and len(c.device_bytes) == 2
 
 
+def test_devices_that_share_cores_are_simulated_with_their_alone_costs():
+    # Under load a half batch costs what the whole batch costs alone (both devices on the same cores); alone it
+    # costs 0.4 of it. As separate devices M=1 wins (6 vs 9); with the shared cores modelled M=2 does (5.4).
+    loaded = {1: [StageCost(1, 2)] * 2, 2: [StageCost(1, 2)] * 2}
+    alone = {1: loaded[1], 2: [StageCost(0.4, 0.8)] * 2}
+    apart = autoplan.Profile(8, loaded, [10] * 2, [1] * 2, [0] * 2)
+    shared = dataclasses.replace(apart, alone_costs=alone)
+    assert autoplan.choose(apart, schedules=["1f1b"], recompute=(False,)).microbatches == 1
+    assert autoplan.choose(shared, schedules=["1f1b"], recompute=(False,)).microbatches == 2
+    table, _ = autoplan.simulate_candidates(shared, ["1f1b"], recompute=(False, True))
+    for c in table:
+        extra = 1.0 if c.recompute else 0.0  # a recomputed stage pays its forward again, alone or loaded
+        costs, lone = ([StageCost(s.forward, s.backward + s.forward * extra) for s in t[c.microbatches]]
+                       for t in (loaded, alone))
+        assert c.step == pytest.approx(sim.simulate(sched.one_f_one_b(2, c.microbatches), costs, alone=lone).makespan)
+    assert min(c.step for c in table if c.microbatches == 2) == pytest.approx(5.4)
+
+
+@pytest.mark.parametrize("devices, shared", [
+    (["/CPU:0", "/CPU:1"], True), (["/job:localhost/replica:0/task:0/device:CPU:0", "/CPU:1"], True),
+    (["/CPU:0"], False), (["/GPU:0", "/GPU:1"], False), (["/CPU:0", "/GPU:0"], False),
+    (["/job:worker/task:0/device:CPU:0", "/job:worker/task:1/device:CPU:0"], False)])
+def test_logical_cpu_devices_of_one_task_share_compute(devices, shared):
+    assert autoplan_measure.shares_compute(devices) is shared
+
+
+def test_measured_profile_times_stages_alone_too_where_devices_share_cores():
+    keras.utils.set_random_seed(0)
+    parts = [keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu")]),
+             keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])]
+    model = pipeline.PipelineModel(parts, devices=["/CPU:0", "/CPU:1"], microbatches=2, schedule="zb_h1")
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.ones((8, 6), "float32")
+    model.fit(x, np.ones((8, 3), "float32"), batch_size=8, epochs=1, verbose=0)
+    profile = autoplan_measure.measure_profile(model.stages, x, [1, 2], repeats=1, calls=1, shared=True)
+    assert sorted(profile.alone_costs) == sorted(profile.alone_split_costs) == [1, 2]
+    assert profile.alone_costs[1] == profile.costs[1]  # one micro-batch: timed alone in both
+    assert all(c.forward > 0 and c.weight is not None for c in profile.alone_split_costs[2])
+    apart = autoplan_measure.measure_profile(model.stages, x, [2], repeats=1, calls=1)
+    assert apart.alone_costs is None and apart.alone_split_costs is None
+
+
 @pytest.mark.parametrize("value, parsed", [(1000, ("bytes", 1000.0)), ("80%", ("percent", 80.0)),
                                            ("2GB", ("bytes", 2e9)), ("512MiB", ("bytes", 512 * 2**20)),
                                            (None, None)])

@@ -57,6 +57,12 @@ class Profile:
     held_bytes: Sequence[int] | None = None
     """Per stage, bytes per sample that a split backward holds from B to W beside the activations: the layer
     calls' output gradients (:mod:`pipeline.core.layer_grads`; 0 where W asks the tape again). None: 0."""
+    alone_costs: Mapping[int, Sequence[sim.StageCost]] | None = None
+    """Per M, ``costs`` timed with the other devices idle, for devices that share compute (logical CPU
+    devices on one machine's cores): the simulator then runs an action faster while fewer devices are busy
+    (:func:`pipeline.perf.simulate.shared_timeline`). None: the devices compute apart (GPUs)."""
+    alone_split_costs: Mapping[int, Sequence[sim.StageCost]] | None = None
+    """Per M, ``split_costs`` timed alone (see ``alone_costs``)."""
 
     @property
     def num_stages(self) -> int:
@@ -275,11 +281,10 @@ def simulate_candidates(profile: Profile, schedules: Sequence[str] | None = None
                 continue
             rows = math.ceil(profile.batch_size / m)
             splits = any(a.op is sched.W for row in schedule for a in row)
-            measured = (profile.split_costs or {}).get(m) if splits else None
-            for flag in recompute:  # a recomputed stage runs its forward again in its (input-gradient) backward
-                costs = [sim.StageCost(c.forward, c.backward + (c.forward if flag else 0.0), c.weight)
-                         for c in measured or profile.costs[m]]
-                result = sim.simulate(schedule, costs)
+            costs_m = _costs_for(profile.costs, profile.split_costs, m, splits)
+            alone_m = _costs_for(profile.alone_costs or {}, profile.alone_split_costs, m, splits)
+            for flag in recompute:
+                result = sim.simulate(schedule, _recomputed(costs_m, flag), alone=_recomputed(alone_m, flag))
                 if result.deadlock:
                     skipped.append(f"{name} M={m}: {result.deadlock}")
                     continue
@@ -287,6 +292,19 @@ def simulate_candidates(profile: Profile, schedules: Sequence[str] | None = None
                 table.append(Candidate(name, m, bool(flag), result.makespan + overhead, max(peaks), tuple(peaks),
                                        result.bubble))
     return table, skipped
+
+
+def _costs_for(costs: Mapping[int, Sequence[sim.StageCost]], split: Mapping[int, Sequence[sim.StageCost]] | None,
+               m: int, splits: bool) -> Sequence[sim.StageCost] | None:
+    """The stage costs at M=``m``: of the split backward where the schedule splits it and they were measured."""
+    return ((split or {}).get(m) if splits else None) or costs.get(m)
+
+
+def _recomputed(costs: Sequence[sim.StageCost] | None, recompute: bool) -> list[sim.StageCost] | None:
+    """``costs`` of stages that run their forward again in their (input-gradient) backward when ``recompute``."""
+    if costs is None:
+        return None
+    return [sim.StageCost(c.forward, c.backward + (c.forward if recompute else 0.0), c.weight) for c in costs]
 
 
 def _order(candidate: Candidate, names: Sequence[str]) -> tuple:

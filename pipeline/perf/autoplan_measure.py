@@ -165,7 +165,7 @@ def measure_split_costs(stages: Sequence[Any], x: Any, full: Sequence[Any], repe
 
 
 def measure_profile(stages: Sequence[Any], x: Any, ms: Sequence[int], optimizer: Any = None, repeats: int = 5,
-                    calls: int = 3, rounds: int = 1, with_split: bool = True, alone: bool = False) -> autoplan.Profile:
+                    calls: int = 3, rounds: int = 1, with_split: bool = True, shared: bool = False) -> autoplan.Profile:
     """Measures what :func:`pipeline.perf.autoplan.choose` needs, once, on the built stages.
 
     Args:
@@ -177,22 +177,43 @@ def measure_profile(stages: Sequence[Any], x: Any, ms: Sequence[int], optimizer:
         with_split: also time the split backward (B, then W) that zero-bubble schedules run.
         rounds: passes over ``ms``, interleaved; per stage the smallest forward and backward are kept
             (other work on the machine only ever adds time).
-        alone: time every stage with the other devices idle (default: under load where M > 1).
+        shared: the devices share compute (:func:`shares_compute`): for M > 1 also time every stage alone
+            (``Profile.alone_costs``), so that the simulator models the shared cores.
     """
     from pipeline.core import microbatch as mb_lib
 
-    costs: dict[int, list[Any]] = {}
-    split: dict[int, list[Any]] = {}
-    for _ in range(max(1, rounds)):  # interleaved rounds, the least disturbed (smallest) time kept
-        for m in ms:
-            part = mb_lib.split(x, m)[0]
-            new = measure.measure_stage_costs(stages, part, repeats=repeats, calls=calls, under_load=m > 1 and not alone)
-            costs[m] = [_least(a, b) for a, b in zip(costs.get(m, new), new)]
-            if with_split:
-                new = measure_split_costs(stages, part, costs[m], repeats, calls, under_load=m > 1 and not alone)
-                split[m] = [_least(a, b) for a, b in zip(split.get(m, new), new)]
-    return dataclasses.replace(memory_profile(stages, x, optimizer, with_split), costs=costs,
-                               split_costs=split or None)
+    def timed(values: Sequence[int], under_load: bool) -> tuple[dict[int, list[Any]], dict[int, list[Any]]]:
+        costs: dict[int, list[Any]] = {}
+        split: dict[int, list[Any]] = {}
+        for _ in range(max(1, rounds)):  # interleaved rounds, the least disturbed (smallest) time kept
+            for m in values:
+                part = mb_lib.split(x, m)[0]
+                loaded = under_load and m > 1  # one micro-batch never overlaps another device's work
+                new = measure.measure_stage_costs(stages, part, repeats=repeats, calls=calls, under_load=loaded)
+                costs[m] = [_least(a, b) for a, b in zip(costs.get(m, new), new)]
+                if with_split:
+                    new = measure_split_costs(stages, part, costs[m], repeats, calls, under_load=loaded)
+                    split[m] = [_least(a, b) for a, b in zip(split.get(m, new), new)]
+        return costs, split
+
+    costs, split = timed(ms, True)
+    profile = dataclasses.replace(memory_profile(stages, x, optimizer, with_split), costs=costs,
+                                  split_costs=split or None)
+    if not shared:
+        return profile
+    alone, alone_split = timed([m for m in ms if m > 1], False)
+    alone.update({m: costs[m] for m in ms if m == 1})  # M=1 was timed alone already
+    alone_split.update({m: split[m] for m in ms if m == 1 and m in split})
+    return dataclasses.replace(profile, alone_costs=alone, alone_split_costs=alone_split or None)
+
+
+def shares_compute(devices: Sequence[str]) -> bool:
+    """Whether ``devices`` are several logical CPU devices of this process's task (one machine's cores)."""
+    import tensorflow as tf
+
+    specs = [tf.DeviceSpec.from_string(d) for d in dict.fromkeys(devices)]
+    tasks = {(s.job or "localhost", s.replica or 0, s.task or 0) for s in specs}
+    return len(specs) > 1 and len(tasks) == 1 and all((s.device_type or "").upper() == "CPU" for s in specs)
 
 
 def memory_profile(stages: Sequence[Any], x: Any, optimizer: Any = None, with_split: bool = True) -> autoplan.Profile:
@@ -267,7 +288,8 @@ def choose_for(stages: Sequence[Any], x: Any, pending: autohook.AutoSettings, op
     budget, note = autoplan.budget_bytes(pending.memory_budget, lambda: device_total([s.device for s in stages]))
     with_split = any(autoplan.splits_backward(name) for name in schedules)
     with measure.variables_kept(stages):  # the timing runs train nothing: BN statistics, dropout seeds restored
-        profile = measure_profile(stages, x, ms, optimizer, with_split=with_split, **MEASURE)
+        profile = measure_profile(stages, x, ms, optimizer, with_split=with_split,
+                                  shared=shares_compute([s.device for s in stages]), **MEASURE)
         choice = autoplan.choose(profile, budget, schedules, ms, recompute, overhead=overhead, budget_note=note)
         return autoplan_refine.refine(choice, stages, x, **REFINE)
 

@@ -91,12 +91,9 @@ def _prediction(model: Any, x: Any, m: int, overhead: float) -> dict[str, Any]:
     from pipeline.perf.autoplan_measure import measure_profile
 
     split = any(model.executor.split_backward)
-
-    def stage_costs(alone: bool) -> list[Any]:
-        profile = measure_profile(model.stages, x, [m], repeats=8, calls=5, rounds=3, with_split=split, alone=alone)
-        return (profile.split_costs if split else profile.costs)[m]
-
-    costs, alone = stage_costs(False), stage_costs(True)
+    profile = measure_profile(model.stages, x, [m], repeats=8, calls=5, rounds=3, with_split=split, shared=True)
+    costs = (profile.split_costs if split else profile.costs)[m]
+    alone = (profile.alone_split_costs if split else profile.alone_costs)[m]
     rows = model.executor.train_schedule
     makespan = sim.simulate(rows, costs).makespan
     shared = sim.simulate(rows, costs, alone=alone).makespan
