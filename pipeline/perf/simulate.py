@@ -228,14 +228,12 @@ def simulate(schedule: sched.Schedule, costs: Costs, transfer: float = 0.0, alon
 def _own_compute_timeline(order: Sequence[sched.Action], rows: Sequence[int],
                           cost: Callable[[sched.Action], float], transfer: float) -> list[Interval]:
     """Every device computes alone: each action starts when its device is free and its inputs have arrived."""
-    num_stages = len(rows)
     end: dict[sched.Action, float] = {}
     free = [0.0] * (1 + max(rows, default=0))
     timeline = []
-    for action in order:
+    for action in order:  # a walk: every dependency has ended already
         r = rows[action.stage]
-        start = max([free[r]] + [end[d] + (transfer if rows[d.stage] != r else 0.0)
-                                 for d in sched.dependencies(action, num_stages)])
+        start = max(free[r], _inputs_arrive(action, end, rows, transfer))
         end[action] = free[r] = start + float(cost(action))
         timeline.append(Interval(action, start, end[action], r))
     return timeline
@@ -257,7 +255,7 @@ def shared_timeline(schedule: sched.Schedule, order: Sequence[sched.Action], row
     Each device runs its row in order (``order``: only the actions that can run); an action starts
     once its device is free and its inputs have arrived (``transfer`` after their end on another device).
     """
-    num_stages, num_devices = len(rows), len(schedule)
+    num_devices = len(schedule)
     runnable = set(order)
     queues = [[a for a in row if a in runnable] for row in schedule]
     position = [0] * num_devices
@@ -266,19 +264,12 @@ def shared_timeline(schedule: sched.Schedule, order: Sequence[sched.Action], row
     timeline: list[Interval] = []
     now = 0.0
 
-    def ready_at(action: sched.Action) -> float | None:
-        deps = sched.dependencies(action, num_stages)
-        if any(d not in end for d in deps):
-            return None
-        r = rows[action.stage]
-        return max([0.0] + [end[d] + (transfer if rows[d.stage] != r else 0.0) for d in deps])
-
     while True:
         waiting = []
         for r in range(num_devices):
             if r in running or position[r] >= len(queues[r]):
                 continue
-            at = ready_at(queues[r][position[r]])
+            at = _inputs_arrive(queues[r][position[r]], end, rows, transfer)
             if at is not None and at <= now:
                 running[r] = [queues[r][position[r]], now, 0.0]
                 position[r] += 1
@@ -303,6 +294,17 @@ def shared_timeline(schedule: sched.Schedule, order: Sequence[sched.Action], row
                 del running[r]
             else:
                 running[r][2] = done
+
+
+def _inputs_arrive(action: sched.Action, end: Mapping[sched.Action, float], rows: Sequence[int],
+                   transfer: float) -> float | None:
+    """When ``action``'s inputs are on its device: its dependencies' ends, plus ``transfer`` from another
+    device (0 without dependencies); ``None`` while one of them has not ended."""
+    deps = sched.dependencies(action, len(rows))
+    if any(d not in end for d in deps):
+        return None
+    here = rows[action.stage]
+    return max([0.0] + [end[d] + (transfer if rows[d.stage] != here else 0.0) for d in deps])
 
 
 def ideal_speedup(num_stages: int, num_microbatches: int) -> float:
