@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import CheckpointError
-from pipeline.train.checkpoint import PREEMPTED_EXIT_CODE, Checkpointer, find_checkpoint
+from pipeline.train.checkpoint import PREEMPTED_EXIT_CODE, Checkpointer, find_checkpoint, requeue_slurm_job
 from pipeline.core.model import PipelineModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,3 +164,35 @@ def test_preemption_signal_checkpoints_and_exits(tmp_path, sig):
     assert f"preempted at step {last}: checkpoint written" in out
     assert find_checkpoint(str(tmp_path)).endswith(f"ckpt-{last}")
     assert last < 50 * 44
+
+
+def _fake_scontrol(tmp_path, monkeypatch, body):
+    """Puts an `scontrol` on PATH that records its arguments, then runs ``body`` (sh)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" > "{tmp_path}/asked"\n{body}\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+
+
+def test_requeue_survives_the_sigterm_of_its_own_requeue(tmp_path, monkeypatch, capsys):
+    # SLURM requeues by signalling every process of the job, scontrol included, and may do so before scontrol
+    # has reported success (seen in CI: "scontrol requeue 2 failed: " although the job was requeued).
+    _fake_scontrol(tmp_path, monkeypatch, "kill -TERM $$\nsleep 0.2\nexit 0")
+    assert requeue_slurm_job() is True
+    assert (tmp_path / "asked").read_text().split() == ["requeue", "42"]
+    assert "[pipeline] requeued SLURM job 42" in capsys.readouterr().out
+
+
+def test_requeue_refused_by_slurm_is_reported(tmp_path, monkeypatch, capsys):
+    _fake_scontrol(tmp_path, monkeypatch, 'echo "Requested operation is presently disabled" >&2\nexit 1')
+    assert requeue_slurm_job() is False
+    assert "scontrol requeue 42 failed: Requested operation is presently disabled" in capsys.readouterr().out
+
+
+def test_requeue_killed_is_reported_with_the_signal(tmp_path, monkeypatch, capsys):
+    _fake_scontrol(tmp_path, monkeypatch, "kill -KILL $$")
+    assert requeue_slurm_job() is False
+    assert "scontrol requeue 42 failed: killed by SIGKILL" in capsys.readouterr().out

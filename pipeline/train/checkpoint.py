@@ -247,15 +247,28 @@ class Preemption:
               f"exit {PREEMPTED_EXIT_CODE}", flush=True)
 
 
+# SLURM carries out a requeue by signalling every process of the job, and `scontrol` is one of them: it could be
+# killed by the SIGTERM of the very requeue it asked for, before it reports success. It runs with SIGTERM
+# ignored (a disposition `exec` keeps), so it always reports; SLURM's SIGKILL comes only KillWait seconds later.
+_SCONTROL_IGNORING_TERM = 'trap "" TERM; exec scontrol requeue "$0"'
+
+
 def requeue_slurm_job() -> bool:
-    """``scontrol requeue $SLURM_JOB_ID`` when running under SLURM; returns whether it was asked."""
+    """``scontrol requeue $SLURM_JOB_ID`` when running under SLURM.
+
+    Returns:
+        Whether SLURM accepted the request.
+    """
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         print("[pipeline] checkpoint.requeue is set but SLURM_JOB_ID is not; not requeueing", flush=True)
         return False
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+    result = subprocess.run(["sh", "-c", _SCONTROL_IGNORING_TERM, job], capture_output=True, text=True,
+                            check=False)
     if result.returncode:
-        print(f"[pipeline] scontrol requeue {job} failed: {result.stderr.strip()}", flush=True)
+        why = result.stderr.strip() or (f"killed by {signal.Signals(-result.returncode).name}"
+                                        if result.returncode < 0 else f"exit code {result.returncode}")
+        print(f"[pipeline] scontrol requeue {job} failed: {why}", flush=True)
         return False
     print(f"[pipeline] requeued SLURM job {job}", flush=True)
     return True
