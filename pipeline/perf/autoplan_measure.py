@@ -139,6 +139,7 @@ def _split_loops(stages: Sequence[Any], x: Any, repeats: int) -> list[tuple[Any,
     return loops
 
 
+@measure.timing_loops()
 def measure_split_costs(stages: Sequence[Any], x: Any, full: Sequence[Any], repeats: int = 5, calls: int = 3,
                         under_load: bool = True) -> list[Any]:
     """Costs of a split backward (zero-bubble schedules): ``StageCost(F, B + W, W)`` per stage, measured.

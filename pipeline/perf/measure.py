@@ -10,12 +10,34 @@ the other stages keep their devices busy from background threads::
 from __future__ import annotations
 
 import contextlib
+import logging
 import statistics
 import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
 from pipeline.perf import simulate as sim
+
+
+class _NewLoopsAreNotRetracing(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning: it counts every new ``tf.function`` of the
+    same Python code as a retrace, and timing builds new loops of one code by design (one per stage and call)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def timing_loops() -> Iterator[None]:
+    """Within the block (or the decorated function), the timing loops' new functions warn of no retracing."""
+    import tensorflow as tf
+
+    quiet = _NewLoopsAreNotRetracing()
+    tf.get_logger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        tf.get_logger().removeFilter(quiet)
 
 
 @contextlib.contextmanager
@@ -183,6 +205,7 @@ class StageLoad:
             raise self.thread_errors[0]
 
 
+@timing_loops()
 def measure_stage_costs(stages: Sequence[Any], x: Any, repeats: int = 10, calls: int = 3,
                         under_load: bool = True) -> list[sim.StageCost]:
     """Forward and backward seconds of each stage on its device for one micro-batch ``x``.
@@ -239,6 +262,7 @@ def loaders(stages: Sequence[Any], timed: int) -> list[int]:
     return [j for device, j in first.items() if device != stages[timed].device]
 
 
+@timing_loops()
 def contention_factor(stages: Sequence[Any], x: Any, repeats: int = 10, calls: int = 3) -> float:
     """How much slower the stages run all at once than the slowest one alone (1.0: no interference).
 
