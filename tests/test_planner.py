@@ -28,6 +28,29 @@ def _half_costs(m):
     return [sim.StageCost(0.5 / m, 1.0 / m)] * 4
 
 
+def test_plan_table_models_devices_that_share_compute():
+    """With alone costs, every M > 1 row is the shared-cores simulation; M=1 (timed alone) and equal costs are not
+    changed by it, and alone costs half the loaded ones shorten every M > 1 step."""
+    ms = [1, 2, 8]
+    plain = planner.plan_table(_costs, ms)
+    assert planner.plan_table(_costs, ms, alone_for=_costs) == plain
+
+    def alone(m):
+        return [sim.StageCost(c.forward / 2, c.backward / 2) for c in _costs(m)]
+
+    shared = planner.plan_table(_costs, ms, alone_for=alone)
+    assert [(r["schedule"], r["microbatches"]) for r in shared] == [(r["schedule"], r["microbatches"]) for r in plain]
+    for row, base in zip(shared, plain):
+        m = row["microbatches"]
+        layout, costs = planner.placed(row["schedule"], _costs(m), m)
+        if m == 1:
+            assert row == base
+            continue
+        expected = sim.simulate(layout, costs, alone=planner.placed(row["schedule"], alone(m), m)[1]).makespan
+        assert row["step"] == pytest.approx(expected, rel=1e-12)
+        assert row["step"] < base["step"] - 1e-9
+
+
 def test_plan_table_matches_simulator_and_formula():
     """K=2 on 2 devices, f=1, b=2 per device and step: gpipe/1f1b (M+K-1)(f+b); zb_h1 (B and W halves of 1 unit)
     M(f+b) + (K-1)(f+b-2w) for M >= K; interleaved left out (it is 1f1b with one stage per device)."""
@@ -271,6 +294,31 @@ def test_costs_under_load_time_each_stage_beside_the_others(monkeypatch, under_l
     assert loads == ([1, 1] if under_load else [0, 0])  # K=2: the other stage runs while each is timed
 
 
+def test_timing_loops_do_not_warn_of_retracing_but_user_functions_still_do():
+    import logging
+
+    import tensorflow as tf
+
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    tf.get_logger().addHandler(handler)
+    try:
+        x = np.ones((4, 8), np.float32)
+        for _ in range(4):  # every call builds new loops of the same code: TensorFlow's heuristic counts retraces
+            measure.measure_stage_costs(_stages(), x, repeats=1, calls=1, under_load=False)
+        assert not [r for r in records if "retracing" in r]
+        for size in range(1, 8):  # a user's function of changing shapes still gets TensorFlow's warning
+            tf.function(lambda t: t * 2.0)(tf.ones((size,)))
+        assert [r for r in records if "triggered tf.function retracing" in r]
+    finally:
+        tf.get_logger().removeHandler(handler)
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_profiled_timeline_has_every_action(schedule):
     x = np.random.default_rng(0).normal(size=(8, 8)).astype("float32")
@@ -324,8 +372,13 @@ def test_cli_with_a_config_measures_overhead_costs_and_a_real_timeline(tmp_path,
     assert [type(model).__name__ for model, _ in overheads] == ["PipelineModel"]
     assert report["overhead"] == overheads[0][1]
     # Stage costs: M=1 timed one stage at a time, M=2 with the other stage busy; the report shows M=2's.
-    assert sorted(measured) == [(16, True), (32, False)]  # digits_cnn: batches of 32, cut into M=1 or 2
+    # Two logical CPU devices share the cores: M=2 is also timed alone, for the shared-cores simulation.
+    assert sorted(measured) == [(16, False), (16, True), (32, False)]  # digits_cnn: batches of 32, M=1 or 2
     assert report["costs"] == [vars(c) for c in measured[(16, True)]]
+    assert report["alone_costs"] == [vars(c) for c in measured[(16, False)]]
+    assert "share this machine's cores" in text
+    shared = sim.simulate(sched.one_f_one_b(2, 2), measured[(16, True)], alone=measured[(16, False)])
+    assert report["predicted"] == json.loads(json.dumps(shared.summary()))
     assert report["schedule"] == "1f1b" and report["microbatches"] == 2  # the config's schedule, --microbatches
     assert sorted((r["schedule"], r["microbatches"]) for r in report["rows"]) == [
         ("1f1b", 1), ("1f1b", 2), ("gpipe", 1), ("gpipe", 2), ("zb_h1", 1), ("zb_h1", 2)]  # 2 stages, 2 devices

@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.core import schedule as sched
 from pipeline.errors import SettingError
-from pipeline.perf import autoplan, measure, planner, plot, trace
+from pipeline.perf import autoplan, autoplan_measure, measure, planner, plot, trace
 from pipeline.perf import simulate as sim
 from pipeline.train import runner
 from pipeline.train.config import load_config
@@ -31,14 +31,22 @@ def _from_config(args: argparse.Namespace) -> dict[str, Any]:
     size = int(mb_lib.batch_size(x))
     ms = [m for m in args.ms if m <= size]
     stages = built.pipeline.stages
-    cache: dict[int, list[sim.StageCost]] = {}
+    cache: dict[tuple[int, bool], list[sim.StageCost]] = {}
+
+    def timed(m: int, under_load: bool) -> list[sim.StageCost]:
+        if (m, under_load) not in cache:
+            cache[m, under_load] = measure.measure_stage_costs(stages, mb_lib.split(x, m)[0], repeats=args.repeats,
+                                                               under_load=under_load)
+        return cache[m, under_load]
 
     def costs_for(m: int) -> list[sim.StageCost]:
         # M=1 runs one stage at a time; with M > 1 the other stages are busy meanwhile.
-        if m not in cache:
-            cache[m] = measure.measure_stage_costs(stages, mb_lib.split(x, m)[0], repeats=args.repeats,
-                                           under_load=m > 1 and not args.stages_alone)
-        return cache[m]
+        return timed(m, m > 1 and not args.stages_alone)
+
+    shared = not args.stages_alone and autoplan_measure.shares_compute([stage.device for stage in stages])
+    if shared:
+        print("the devices share this machine's cores: stages are also timed alone, and the simulation runs each "
+              "action between its alone and its loaded speed, by how many other devices are busy")
 
     overhead = args.overhead
     if overhead is None:
@@ -51,6 +59,7 @@ def _from_config(args: argparse.Namespace) -> dict[str, Any]:
     loss = built.pipeline.loss if not isinstance(built.pipeline.loss, str) else tf.keras.losses.get(cfg.loss)
     devices = len({stage.device for stage in stages})  # several stages per device: interleaved placement
     return {"stages": stages, "x": x, "y": y, "loss": loss, "ms": ms, "costs_for": costs_for,
+            "alone_for": (lambda m: timed(m, False)) if shared else None,
             "microbatches": args.microbatches or built.pipeline.microbatches,  # resolved when "auto"
             "schedule": args.schedule or built.pipeline.executor.schedule_name, "overhead": overhead,
             "devices": devices if devices < len(stages) else None}
@@ -66,7 +75,7 @@ def plan_command(args: argparse.Namespace) -> int:
         fewer = args.devices is not None and args.devices < len(costs)  # default: interleave on fewer devices
         ctx = {"costs_for": planner.scaled_costs(costs, m0), "ms": list(args.ms), "microbatches": m0,
                "schedule": args.schedule or ("interleaved_1f1b" if fewer else "1f1b"), "stages": None,
-               "overhead": args.overhead or 0.0}
+               "overhead": args.overhead or 0.0, "alone_for": None}
         if args.measure:
             raise SettingError("--measure needs a CONFIG (a model to run), e.g. pipeline plan configs/digits_cnn.yaml "
                                "--measure")
@@ -83,13 +92,15 @@ def plan_command(args: argparse.Namespace) -> int:
         raise SettingError(f"--measure runs the {len(costs)} stages as they are, but --schedule {name} on {devices} "
                            f"devices predicts them cut into {len(plan_costs)} stages; measure with --schedule "
                            "interleaved_1f1b, or give as many devices as stages")
+    alone_for = ctx["alone_for"]
     rows = planner.plan_table(ctx["costs_for"], ms, names, transfer=args.transfer, overhead=overhead,
-                              num_devices=devices)
-    print("stage costs per micro-batch at M=%d (s): " % m
-          + ", ".join(f"[{i}] F {c.forward:.5f} B {c.backward:.5f}" + ("" if c.weight is None else f" W {c.weight:.5f}")
-                      for i, c in enumerate(costs)))
+                              num_devices=devices, alone_for=alone_for)
+    alone = planner.placed(name, alone_for(m), m, devices)[1] if alone_for is not None and m > 1 else None
+    print(f"stage costs per micro-batch at M={m} (s): {_format_costs(costs)}")
+    if alone is not None:
+        print(f"  the same, each stage alone (s): {_format_costs(alone_for(m))}")
     print(planner.format_table(rows, notes))
-    predicted = sim.simulate(layout, plan_costs, transfer=args.transfer)
+    predicted = sim.simulate(layout, plan_costs, transfer=args.transfer, alone=alone)
     lanes = len(costs) if args.measure else predicted.num_devices  # measured timelines have a row per stage
     step = predicted.makespan + overhead
     print(f"\n{name}, M={m}: predicted step {step:.4f} s (stage actions {predicted.makespan:.4f} s + overhead "
@@ -97,7 +108,8 @@ def plan_command(args: argparse.Namespace) -> int:
     print(sim.ascii_gantt(predicted.timeline, predicted.num_devices))
     panels = [(f"predicted\n{predicted.makespan:.3f} s", predicted.timeline)]
     report: dict[str, Any] = {"schedule": name, "microbatches": m, "rows": rows, "overhead": overhead,
-                              "costs": [vars(c) for c in costs], "predicted": predicted.summary()}
+                              "costs": [vars(c) for c in costs], "predicted": predicted.summary(),
+                              "alone_costs": None if alone is None else [vars(c) for c in alone_for(m)]}
     if ctx["stages"] is not None and len(ctx["stages"]) > 1:
         report["boundary_bytes"] = _print_boundaries(ctx["stages"], ctx["x"], m)
     if args.measure:
@@ -122,6 +134,11 @@ def plan_command(args: argparse.Namespace) -> int:
             json.dump(report, f, indent=2)
         print(f"JSON: {args.json}")
     return 0
+
+
+def _format_costs(costs: list[sim.StageCost]) -> str:
+    return ", ".join(f"[{i}] F {c.forward:.5f} B {c.backward:.5f}" + ("" if c.weight is None else f" W {c.weight:.5f}")
+                     for i, c in enumerate(costs))
 
 
 def _print_boundaries(stages: list, x: Any, m: int) -> list[int]:
@@ -174,8 +191,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ms", type=_ints, default=list(planner.DEFAULT_MICROBATCHES),
                    help="micro-batch counts of the table, e.g. 1,2,4,8,16")
     p.add_argument("--stages-alone", action="store_true",
-                   help="time each stage alone instead of while the other stages run (faster to measure; "
-                        "the same on devices that share no hardware, e.g. separate GPUs)")
+                   help="time each stage alone instead of while the other stages run, and do not model shared "
+                        "cores (faster; the same on devices that share no hardware, e.g. separate GPUs)")
     p.add_argument("--overhead", type=float, metavar="SECONDS",
                    help="seconds per step outside the stage actions (default: measured from a real M=1 step "
                         "with a CONFIG, 0 with --costs)")

@@ -111,7 +111,8 @@ def _ideal(rows: sched.Schedule, costs: Sequence[sim.StageCost], m: int) -> floa
 
 def plan_table(costs_for: Callable[[int], Sequence[sim.StageCost]], microbatches: Sequence[int],
                schedules: Sequence[str] = SCHEDULES, transfer: float = 0.0,
-               overhead: float = 0.0, num_devices: int | None = None) -> list[dict[str, Any]]:
+               overhead: float = 0.0, num_devices: int | None = None,
+               alone_for: Callable[[int], Sequence[sim.StageCost]] | None = None) -> list[dict[str, Any]]:
     """Simulates every schedule for every M, on the same D devices.
 
     Args:
@@ -123,6 +124,10 @@ def plan_table(costs_for: Callable[[int], Sequence[sim.StageCost]], microbatches
             Keras; :mod:`pipeline.perf.overhead`), added to every step.
         num_devices: D, a divisor of the K stages (None: K). With D < K, interleaved_1f1b runs
             stage s on device s % D and the other schedules run V = K/D merged stages per device.
+        alone_for: for devices that share compute (logical CPU devices on one machine's cores),
+            ``alone_for(M)``: the same costs timed with the other devices idle. Each action then runs
+            between its alone and its loaded speed, by how many other devices are busy
+            (:func:`pipeline.perf.simulate.shared_timeline`). None: devices that share nothing.
 
     Returns:
         One row per (schedule, M): stages and devices, predicted step time, bubble, speedup over
@@ -141,7 +146,8 @@ def plan_table(costs_for: Callable[[int], Sequence[sim.StageCost]], microbatches
     for name in names:
         for m in microbatches:
             layout, costs = placed(name, costs_for(m), m, d)
-            result = sim.simulate(layout, costs, transfer=transfer)
+            alone = placed(name, alone_for(m), m, d)[1] if alone_for is not None and m > 1 else None
+            result = sim.simulate(layout, costs, transfer=transfer, alone=alone)
             step = result.makespan + overhead
             rows.append({
                 "schedule": name, "stages": len(costs), "devices": result.num_devices, "microbatches": m,
