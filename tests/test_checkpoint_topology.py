@@ -195,6 +195,12 @@ def bundle(prefix):
     return {name: tf.train.load_variable(prefix, name) for name, _ in tf.train.list_variables(prefix)}
 
 
+def _summed_in_halves(want: np.ndarray) -> float:
+    """Absolute tolerance for R=2 x B against 1 x 2B: the gradient is summed in another order, and Adam's step
+    amplifies that rounding in tiny gradients up to about 1e-5 of the tensor's scale (never below 1e-7)."""
+    return max(1e-7, 1e-5 * float(np.abs(want).max()))
+
+
 def test_two_replicas_resume_as_one_at_the_same_global_batch(tmp_path):
     sys.path.insert(0, HERE)
     from test_replicas import horovodrun
@@ -211,7 +217,7 @@ def test_two_replicas_resume_as_one_at_the_same_global_batch(tmp_path):
     assert (at5["meta/replicas"], at5["meta/global_batch"], at5["meta/samples"]) == (2, 2 * B, 5 * 2 * B)
     ref5 = bundle(str(tmp_path / "one" / "checkpoints" / "ckpt-5"))
     for name in (n for n in ref5 if not n.startswith("meta/")):  # 2 replicas x B trained like 1 x 2B
-        np.testing.assert_allclose(at5[name], ref5[name], rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(at5[name], ref5[name], rtol=1e-5, atol=_summed_in_halves(ref5[name]), err_msg=name)
     resumed = subprocess.run([sys.executable, *pipeline_train(tmp_path / "two", 2 * B, "-m", "pipeline")], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -225,4 +231,4 @@ def test_two_replicas_resume_as_one_at_the_same_global_batch(tmp_path):
                                                                                      / "ckpt-8"))
     assert final.keys() == ref.keys()
     for name in ref:
-        np.testing.assert_allclose(final[name], ref[name], rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(final[name], ref[name], rtol=1e-5, atol=_summed_in_halves(ref[name]), err_msg=name)

@@ -18,6 +18,7 @@ from pipeline.dist import worker
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import cluster_script  # noqa: E402
+import netns  # noqa: E402
 
 
 def free_ports(n: int) -> list[int]:
@@ -38,6 +39,8 @@ def workers():
     procs = [ctx.Process(target=worker.serve, args=(hosts, i), daemon=True) for i in range(2)]
     for p in procs:
         p.start()
+    # Both listen before the trainer connects: a worker still importing TensorFlow is not a dead one.
+    assert all(netns.wait_port(address, 120) for address in hosts.split(",")), f"workers {hosts} did not start"
     yield hosts, procs
     for p in procs:
         if p.is_alive():

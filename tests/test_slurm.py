@@ -8,6 +8,9 @@ import time
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import slurm_lock  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLURM_LOCAL = os.environ.get("SLURM_LOCAL_SH", os.path.join(os.path.dirname(ROOT), "shared", "slurm_local.sh"))
 CONFIG = "configs/digits_cnn.yaml"
@@ -19,22 +22,29 @@ def sh(*cmd, check=True, timeout=120, **kw):
 
 @pytest.fixture(scope="module")
 def slurm():
-    """A running single-node SLURM: reuse one that is up (others may be using it), else start one."""
+    """A running single-node SLURM: reuse one that is up (others may be using it), else start one.
+
+    Held under :func:`slurm_lock.exclusive`: the stop at the end also stops the munged it started.
+    """
     assert os.path.isfile(SLURM_LOCAL), (
         f"{SLURM_LOCAL} not found: the tests need shared/slurm_local.sh beside the clone "
         "(as in CI), or SLURM_LOCAL_SH=/path/to/slurm_local.sh")
-    up = False
-    try:
-        up = sh("sinfo", "-h", "-o", "%T", check=False, timeout=20).stdout.strip() in ("idle", "mixed", "allocated")
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        pass
-    started = not up
-    if started:
-        result = sh("bash", SLURM_LOCAL, "start", check=False, timeout=300)
-        assert result.returncode == 0, f"could not start SLURM: {result.stderr[-2000:]}"
-    yield
-    if started:
-        sh("bash", SLURM_LOCAL, "stop", check=False)
+    with slurm_lock.exclusive():
+        up = False
+        try:
+            up = sh("sinfo", "-h", "-o", "%T", check=False, timeout=20).stdout.strip() in ("idle", "mixed",
+                                                                                           "allocated")
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            pass
+        started = not up
+        if started:
+            result = sh("bash", SLURM_LOCAL, "start", check=False, timeout=300)
+            assert result.returncode == 0, f"could not start SLURM: {result.stderr[-2000:]}"
+        try:
+            yield
+        finally:
+            if started:
+                sh("bash", SLURM_LOCAL, "stop", check=False)
 
 
 def submit(tmp_path, *overrides):

@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import netns  # noqa: E402
+import slurm_lock  # noqa: E402
 import slurm_netns  # noqa: E402
 
 RUN = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=4", "--set", "train.validate=false",
@@ -29,7 +30,7 @@ def checkpoint_values(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def slurm():
     """Two SLURM nodes (namespaces a and b, slurmd in each), slurmctld here; yields (net, SLURM_CONF env)."""
-    with netns.network(2) as net, slurm_netns.cluster(net, net.hosts) as env:
+    with slurm_lock.exclusive(), netns.network(2) as net, slurm_netns.cluster(net, net.hosts) as env:
         yield net, env
 
 
