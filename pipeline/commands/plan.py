@@ -95,7 +95,7 @@ def plan_command(args: argparse.Namespace) -> int:
     alone_for = ctx["alone_for"]
     rows = planner.plan_table(ctx["costs_for"], ms, names, transfer=args.transfer, overhead=overhead,
                               num_devices=devices, alone_for=alone_for)
-    alone = planner.placed(name, alone_for(m), m, devices)[1] if alone_for is not None and m > 1 else None
+    alone = planner.placed_alone(name, alone_for, m, devices)
     print(f"stage costs per micro-batch at M={m} (s): {_format_costs(costs)}")
     if alone is not None:
         print(f"  the same, each stage alone (s): {_format_costs(alone_for(m))}")

@@ -100,6 +100,15 @@ def placed(name: str, costs: Sequence[sim.StageCost], m: int,
     return sched.get(name)(len(merged), m), merged
 
 
+def placed_alone(name: str, alone_for: Callable[[int], Sequence[sim.StageCost]] | None, m: int,
+                 num_devices: int | None = None) -> list[sim.StageCost] | None:
+    """The costs alone that go with :func:`placed`'s, for ``simulate(..., alone=...)``.
+
+    None without ``alone_for`` (devices that share nothing) and at M=1, whose costs are timed alone already.
+    """
+    return None if alone_for is None or m == 1 else placed(name, alone_for(m), m, num_devices)[1]
+
+
 def _ideal(rows: sched.Schedule, costs: Sequence[sim.StageCost], m: int) -> float:
     """Speedup of ``rows`` on balanced stages: the work of one device over the simulated makespan."""
     n = len(costs)
@@ -146,8 +155,7 @@ def plan_table(costs_for: Callable[[int], Sequence[sim.StageCost]], microbatches
     for name in names:
         for m in microbatches:
             layout, costs = placed(name, costs_for(m), m, d)
-            alone = placed(name, alone_for(m), m, d)[1] if alone_for is not None and m > 1 else None
-            result = sim.simulate(layout, costs, transfer=transfer, alone=alone)
+            result = sim.simulate(layout, costs, transfer=transfer, alone=placed_alone(name, alone_for, m, d))
             step = result.makespan + overhead
             rows.append({
                 "schedule": name, "stages": len(costs), "devices": result.num_devices, "microbatches": m,
