@@ -50,7 +50,8 @@ def checkpoint_at_kill(out):
     m = re.search(r"killed with SIGKILL after step (\d+); latest checkpoint: ckpt-(\d+)", out)
     assert m, out
     killed, saved = int(m.group(1)), int(m.group(2))
-    assert 5 <= killed < 8 and killed - 1 <= saved <= killed, out  # a checkpoint every step
+    # The run stops itself after logging step 5, so the kill lands there however late the parent polls.
+    assert killed == 5 and killed - 1 <= saved <= killed, out  # a checkpoint every step
     return saved
 
 
@@ -93,3 +94,26 @@ def test_compare_holds_steps_before_the_kill_bit_exact_and_the_resumed_ones_to_r
     assert not ok and verdict.startswith("FAIL: final weights differ: model/d/kernel (largest difference 0.05")
     ok, verdict = compare(ref, rows[:2], 2, w, w, 3, 0.0)
     assert not ok and verdict == "FAIL: the resumed run never logged step(s) [3]"
+
+
+def test_the_killed_run_stops_itself_after_logging_the_kill_step(tmp_path, monkeypatch):
+    """resume-check's SIGKILL lands at --kill-at however late it polls: the run SIGSTOPs itself right after
+    logging that step (and only then; a run without the setting never stops)."""
+    import signal
+
+    from pipeline.train import runner
+
+    sent = []
+    monkeypatch.setattr(runner.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    path = tmp_path / "steps.jsonl"
+    for pause, want in (("6", [(os.getpid(), signal.SIGSTOP)]), ("", [])):
+        sent.clear()
+        monkeypatch.setenv(runner.PAUSE_ENV, pause)
+        steps = runner._steps_callback(str(path), 3)  # resumed at step 3
+        stopped_after = []
+        for batch in range(5):
+            steps.on_train_batch_end(batch, {"batch_loss": 0.5})
+            if sent and not stopped_after:  # the line of the step is written before the stop
+                stopped_after = [steps.step, path.read_text().splitlines()[-1]]
+        assert sent == want
+        assert stopped_after == ([6, '{"step": 6, "loss": 0.5}'] if want else [])

@@ -16,20 +16,25 @@ from typing import Any, Sequence
 
 from pipeline.errors import SettingError, invalid
 from pipeline.train.config import load_config
+from pipeline.train.runner import PAUSE_ENV
 
 POLL_SECONDS = 0.005
 """How often the killed run's ``steps.jsonl`` is read while waiting for the kill step."""
 
 
-def _train(config: str, run_dir: str, overrides: Sequence[str]) -> subprocess.Popen:
-    """``python -m pipeline train CONFIG --run-dir RUN --set ...`` in its own process (output to RUN/train.log)."""
+def _train(config: str, run_dir: str, overrides: Sequence[str], pause_at: int = 0) -> subprocess.Popen:
+    """``python -m pipeline train CONFIG --run-dir RUN --set ...`` in its own process (output to RUN/train.log).
+
+    With ``pause_at``, the run stops itself (SIGSTOP) after logging that step, to be killed there.
+    """
     os.makedirs(run_dir, exist_ok=True)
     cmd = [sys.executable, "-m", "pipeline", "train", config, "--run-dir", run_dir]
     for item in overrides:
         cmd += ["--set", item]
     log = open(os.path.join(run_dir, "train.log"), "a", encoding="utf-8")  # noqa: SIM115 - closed by the child
     try:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", PAUSE_ENV: str(pause_at) if pause_at else ""}
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     finally:
         log.close()
 
@@ -70,7 +75,11 @@ def _finish(proc: subprocess.Popen, run_dir: str, what: str, timeout: float) -> 
 
 
 def _kill_at(proc: subprocess.Popen, run_dir: str, step: int, timeout: float) -> int:
-    """SIGKILLs the run once its ``steps.jsonl`` shows ``step``; returns the last step it logged."""
+    """SIGKILLs the run once its ``steps.jsonl`` shows ``step``; returns the last step it logged.
+
+    The run stops itself after logging ``step`` (:data:`~pipeline.train.runner.PAUSE_ENV`), so the kill lands
+    at ``step`` however late this process polls (a loaded machine).
+    """
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         rows = _rows(run_dir)
@@ -161,7 +170,7 @@ def resume_check_command(args: argparse.Namespace) -> int:
           f"{args.kill_at}, checkpoint every {args.every} step(s); runs in {work}", flush=True)
     started = time.monotonic()
     reference = _train(args.config, ref_dir, common)
-    killed = _train(args.config, run_dir, common)
+    killed = _train(args.config, run_dir, common, pause_at=args.kill_at)
     try:
         last = _kill_at(killed, run_dir, args.kill_at, args.timeout)
     finally:

@@ -186,8 +186,15 @@ def _metrics_callback(path: str, batch_size: int) -> Any:
     return MetricsFile()
 
 
+PAUSE_ENV = "PIPELINE_PAUSE_AT_STEP"
+"""Set by ``pipeline resume-check`` for the run it kills: after logging this global step, the run stops itself
+(SIGSTOP) so that the SIGKILL lands there and not some steps later (before that step's checkpoint)."""
+
+
 def _steps_callback(path: str, start_step: int) -> Any:
     import keras
+
+    pause_at = int(os.environ.get(PAUSE_ENV) or 0)
 
     class StepsFile(keras.callbacks.Callback):
         """Appends one JSON line per step: global step and that step's loss (``batch_loss``)."""
@@ -200,6 +207,8 @@ def _steps_callback(path: str, start_step: int) -> Any:
             self.step += 1
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.step, "loss": float(logs["batch_loss"])}) + "\n")
+            if self.step == pause_at:
+                os.kill(os.getpid(), signal.SIGSTOP)  # resume-check's SIGKILL follows
 
     return StepsFile()
 
