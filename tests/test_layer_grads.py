@@ -145,5 +145,8 @@ def test_zero_bubble_memory_does_not_grow_with_the_number_of_microbatches():
         assert isinstance(r["tf_peak_mb"], float), r  # the worker starts TF with the BFC allocator
         peaks[(schedule, m)] = r["tf_peak_mb"]
     # One weight set (4 x 512 x 512 float32 per stage) is 4 MiB; 12 more 16-row micro-batches' inputs are 6 KiB.
-    assert peaks[("zb_h1", 16)] - peaks[("zb_h1", 4)] < 2.0, peaks
+    # Measured growth: 1.1-1.3 MiB, as the two devices' 1 MiB weight-gradient temporaries may meet at the peak
+    # (two inter-op threads; which ones meet varies from run to run). 5 MiB allows a few more of them; the
+    # defect this guards against grew 27 MB.
+    assert peaks[("zb_h1", 16)] - peaks[("zb_h1", 4)] < 5.0, peaks
     assert peaks[("zb_h1", 16)] < 1.25 * peaks[("1f1b", 16)], peaks

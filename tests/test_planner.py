@@ -258,7 +258,9 @@ def test_load_runs_the_other_stages_only_inside_the_block():
         time.sleep(0.001)
 
     with measure.StageLoad([run]):
-        time.sleep(0.05)
+        deadline = time.monotonic() + 10  # polled, not a fixed sleep: a loaded machine may not run it for a while
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         inside = len(calls)
     after = len(calls)
     time.sleep(0.02)
