@@ -223,9 +223,10 @@ def test_cli_needs_config_or_costs(capsys):
     assert "give a CONFIG" in capsys.readouterr().err
 
 
-def _stages():
+def _stages(first_layers=1):
     keras.utils.set_random_seed(0)
-    a = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu")])
+    a = keras.Sequential([keras.Input((8,))] + [keras.layers.Dense(16, activation="relu")
+                                                for _ in range(first_layers)])
     b = keras.Sequential([keras.Input((16,)), keras.layers.Dense(4)])
     stages = [Stage(a, "/CPU:0", 0, 2), Stage(b, "/CPU:1", 1, 2)]
     for s in stages:
@@ -321,11 +322,12 @@ def test_timing_loops_do_not_warn_of_retracing_but_user_functions_still_do():
         tf.get_logger().removeHandler(handler)
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb_h1"])
 def test_profiled_timeline_has_every_action(schedule):
     x = np.random.default_rng(0).normal(size=(8, 8)).astype("float32")
     y = np.random.default_rng(1).normal(size=(8, 4)).astype("float32")
-    _, timeline, _ = trace.run_measured(_stages(), x, y, "mse", schedule, 4, steps=2)
+    # Two layers in the first stage: with one, its input gradient B (ZB-H1) would have no op of its own.
+    _, timeline, _ = trace.run_measured(_stages(first_layers=2), x, y, "mse", schedule, 4, steps=2)
     rows = sched.get(schedule)(2, 4)
     # Every action of the schedule was found in the trace, once (op names -> actions).
     assert sorted(str(iv.action) for iv in timeline) == sorted(str(a) for row in rows for a in row)
@@ -335,6 +337,10 @@ def test_profiled_timeline_has_every_action(schedule):
     for s, row in enumerate(rows):
         finished = sorted((iv for iv in timeline if iv.action.stage == s), key=lambda iv: iv.end)
         assert [str(iv.action) for iv in finished] == [str(a) for a in row], (schedule, s)
+        # ... and an action's interval starts once the one before it on the device has ended: the early ops
+        # (the micro-batch's slice of the input, ran at once for every F of ZB-H1) do not stretch it back.
+        for previous, action in zip(finished, finished[1:]):
+            assert action.start >= previous.end, (schedule, str(previous.action), str(action.action))
 
 
 def test_op_names_map_to_actions():

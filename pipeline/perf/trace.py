@@ -38,8 +38,13 @@ def _action_of(op_name: str) -> str | None:
     return f"{match.group(2)}{op}{match.group(4)}"
 
 
-def trace_actions(logdir: str) -> tuple[list[sim.Interval], dict[str, Any]]:
+def trace_actions(logdir: str, schedule: sched.Schedule | None = None) -> tuple[list[sim.Interval], dict[str, Any]]:
     """Reads the newest profiler trace under ``logdir``: when each action's ops ran.
+
+    Args:
+        logdir: the profiler's log folder.
+        schedule: the step's rows (devices), if known: an action then also waits for the action before it in
+            its row (the executor chains each device's actions).
 
     Returns:
         The intervals (each action from its first op, or from when the action
@@ -75,12 +80,15 @@ def trace_actions(logdir: str) -> tuple[list[sim.Interval], dict[str, Any]]:
         raise MeasureError(f"the trace under {logdir!r} has no action ops (act<stage><op><microbatch>/...)")
     ends = {sched.Action.parse(a): e for a, (_, e) in spans.items()}
     num_stages = 1 + max(a.stage for a in ends)
+    before = {a: row[i - 1] for row in schedule or [] for i, a in enumerate(row) if i}
     timeline = []
     for name, (start, end) in spans.items():
         action = sched.Action.parse(name)
-        # Ops that need no input (variable reads, label casts) run early; the action starts when its
-        # prerequisites (the input, and for B its own F, for W its B) have finished.
-        ready = max([start] + [ends[d] for d in sched.prerequisites(action, num_stages) if d in ends])
+        # Ops that need no input (variable reads, label casts, the micro-batch's slice of the input) run early;
+        # the action starts when its prerequisites (the input, and for B its own F, for W its B) and the
+        # action before it on its device have finished.
+        waits = sched.prerequisites(action, num_stages) + ([before[action]] if action in before else [])
+        ready = max([start] + [ends[d] for d in waits if d in ends])
         timeline.append(sim.Interval(action, min(ready, end), end))
     origin = min(iv.start for iv in timeline)
     timeline = sorted((sim.Interval(iv.action, iv.start - origin, iv.end - origin) for iv in timeline),
@@ -115,6 +123,12 @@ def executor_step(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: st
         A function of no arguments running one step (traced on its first call),
         returning the loss and the accumulated gradients.
     """
+    return _executor_and_step(stages, x, y, loss, schedule, num_microbatches)[1]
+
+
+def _executor_and_step(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: str,
+                       num_microbatches: int) -> tuple[Any, Callable[[], Any]]:
+    """The :class:`~pipeline.core.executor.Executor` of :func:`executor_step` and its compiled step."""
     import keras
     import tensorflow as tf
 
@@ -125,7 +139,7 @@ def executor_step(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: st
     loss_obj = keras.losses.get(loss) if isinstance(loss, str) else loss
     loss_fn = mb_lib.microbatch_loss(loss_obj, tf.convert_to_tensor(y), None, num_microbatches,
                                      mb_lib.batch_size(x))
-    return compiled_step(executor, x, loss_fn)
+    return executor, compiled_step(executor, x, loss_fn)
 
 
 def compiled_step(executor: Any, x: Any, loss_fn: Callable[[int, Any], Any],
@@ -156,7 +170,7 @@ def run_measured(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: str
     from pipeline.core import traced
 
     with traced.inlined():  # the stages' ops keep their action scopes in the trace
-        step = executor_step(stages, x, y, loss, schedule, num_microbatches)
+        executor, step = _executor_and_step(stages, x, y, loss, schedule, num_microbatches)
         elapsed = median_time(step, steps)
         logdir = tempfile.mkdtemp(prefix="pipeline-trace-")
         tf.profiler.experimental.start(logdir)
@@ -164,7 +178,7 @@ def run_measured(stages: Sequence[Any], x: Any, y: Any, loss: Any, schedule: str
             wait_for(step())
         finally:
             tf.profiler.experimental.stop()
-    timeline, threads = trace_actions(logdir)
+    timeline, threads = trace_actions(logdir, executor.train_schedule)
     return elapsed, timeline, threads
 
 
